@@ -1,0 +1,64 @@
+"""Parameter counts of every preset, computed from the real module on the meta device.
+
+    python -m configuration.param_counts [--json FILE]
+
+prints the markdown table the README shows (and writes the counts as JSON).
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from .configuration_hybrid_mamba import HybridMambaConfig
+from .presets import PRESET_NAMES, get_preset
+
+
+def count_parameters(config: HybridMambaConfig) -> dict:
+    """Parameter counts of the real module, built on the meta device (no memory is allocated)."""
+    import torch
+
+    from modeling.modeling_hybrid_mamba import HybridMambaForCausalLM
+
+    with torch.device("meta"):
+        model = HybridMambaForCausalLM(config)
+    total = sum(p.numel() for p in model.parameters())  # tied weights are counted once
+    embedding = model.model.embed_tokens.weight.numel()
+    by_kind = {"attention": 0, "mamba": 0, "mlp": 0}
+    for layer in model.model.layers:
+        mixer = layer.self_attn if layer.mixer_type == "attention" else layer.mamba
+        by_kind["attention" if layer.mixer_type == "attention" else "mamba"] += sum(p.numel() for p in mixer.parameters())
+        if layer.mlp is not None:
+            by_kind["mlp"] += sum(p.numel() for p in layer.mlp.parameters())
+    return {"total": total, "non_embedding": total - embedding, "embedding": embedding, **by_kind}
+
+
+def _fmt(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, help="also write the counts to this JSON file")
+    args = parser.parse_args(argv)
+    rows = {}
+    lines = [
+        "| preset | params | non-embedding | hidden | layers | attention layers | heads (kv) | MLP | Mamba heads x dim, state |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in PRESET_NAMES:
+        cfg = get_preset(name)
+        counts = count_parameters(cfg)
+        attn = [i for i, t in enumerate(cfg.layer_types) if t == "attention"]
+        rows[name] = {**counts, "layer_types": cfg.layer_types}
+        lines.append(
+            f"| `{name}` | {_fmt(counts['total'])} | {_fmt(counts['non_embedding'])} | {cfg.hidden_size} | "
+            f"{cfg.num_hidden_layers} | {len(attn)} {attn} | {cfg.num_attention_heads} ({cfg.num_key_value_heads}) | "
+            f"{cfg.intermediate_size} | {cfg.mamba_n_heads} x {cfg.mamba_head_dim}, {cfg.mamba_d_state} |"
+        )
+    print("\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

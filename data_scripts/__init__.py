@@ -1,0 +1,1 @@
+"""Data preparation: raw text to curated, tokenized, packed training data."""

@@ -1,0 +1,1 @@
+"""Evaluation and benchmarks of hybrid_mamba models."""

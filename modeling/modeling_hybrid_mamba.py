@@ -1,0 +1,886 @@
+"""Hybrid Mamba/attention causal language model.
+
+One self-contained file (torch and transformers; CUDA kernels optional) that is copied as remote code
+into every saved model folder. The layer layout comes from ``config.layer_types``.
+
+Notation in shape comments: B batch, T tokens, D hidden size, H heads, P head size, G groups,
+N state size, K conv width, C chunks, L chunk length.
+
+Pure-torch mixers are the reference and always work. On CUDA, mamba-ssm and causal-conv1d kernels
+are used when importable (``config.use_mamba_kernels``); flash-attn through transformers'
+``attn_implementation``. Kernels never read the weight of a projection: ``in_proj``, ``out_proj``,
+``x_proj`` and ``dt_proj`` are always called as modules, so PEFT adapters on them take effect.
+
+Padding and packed sequences share one mechanism: tokens get segment ids (a new segment wherever
+``position_ids`` do not continue by one, or the attention mask switches), and neither the
+convolution nor the scan crosses a segment boundary.
+"""
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import (
+    DYNAMIC_LAYER_TYPE_MAPPING,
+    STATIC_LAYER_TYPE_MAPPING,
+    Cache,
+    DynamicCache,
+    DynamicLayer,
+    LinearAttentionLayer,
+    StaticLayer,
+)
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.utils import can_return_tuple, logging
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+try:  # in a saved model folder, the configuration module sits beside this file
+    from .configuration_hybrid_mamba import HybridMambaConfig
+except ImportError:  # in the hybrid-mamba repository
+    from configuration.configuration_hybrid_mamba import HybridMambaConfig
+
+try:
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+except ImportError:
+    selective_scan_fn = selective_state_update = mamba_chunk_scan_combined = None
+try:
+    from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+except ImportError:
+    causal_conv1d_fn = causal_conv1d_update = None
+
+logger = logging.get_logger(__name__)
+
+# Per-layer cache types for `DynamicCache(config=...)` / `StaticCache`: Mamba layers keep a conv and a
+# recurrent state (constant size), attention layers a growing key/value cache.
+for _name in ("mamba", "mamba1", "mamba2"):
+    DYNAMIC_LAYER_TYPE_MAPPING[_name] = LinearAttentionLayer
+    STATIC_LAYER_TYPE_MAPPING[_name] = LinearAttentionLayer
+DYNAMIC_LAYER_TYPE_MAPPING["attention"] = DynamicLayer
+STATIC_LAYER_TYPE_MAPPING["attention"] = StaticLayer
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference operators (pure torch)
+# ----------------------------------------------------------------------------------------------
+
+
+def segment_ids(position_ids: torch.Tensor | None, pad_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Segment id per token (B, T), non-decreasing along T, or None when every row is one segment.
+
+    A segment starts where `position_ids` do not continue the previous token by one (packed
+    documents), or where the padding mask switches. Token 0 always lies in segment 0, the segment
+    a cached state belongs to.
+    """
+    starts = None
+    if position_ids is not None and position_ids.shape[-1] > 1:
+        starts = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    if pad_mask is not None and pad_mask.shape[-1] > 1:
+        switch = pad_mask[:, 1:] != pad_mask[:, :-1]
+        starts = switch if starts is None else starts | switch
+    if starts is None or not bool(starts.any()):
+        return None
+    starts = torch.cat([torch.zeros_like(starts[:, :1]), starts], dim=1)
+    return starts.long().cumsum(-1)
+
+
+def causal_conv1d_ref(x, weight, bias=None, prefix=None, seq_idx=None):
+    """Depthwise causal convolution. x (B, E, T), weight (E, K), prefix (B, E, >=K-1) earlier inputs.
+
+    With `seq_idx` (B, T), a tap reads an input only from the same segment; prefix tokens belong to
+    segment 0. Returns (B, E, T) before activation.
+    """
+    k = weight.shape[-1]
+    t = x.shape[-1]
+    if prefix is None:
+        if seq_idx is None:
+            return F.conv1d(x, weight.unsqueeze(1), bias, padding=k - 1, groups=x.shape[1])[..., :t]
+        xp = F.pad(x, (k - 1, 0))
+    else:
+        xp = torch.cat([prefix[..., prefix.shape[-1] - (k - 1) :].to(x.dtype), x], dim=-1)
+    if seq_idx is None:
+        return F.conv1d(xp, weight.unsqueeze(1), bias, groups=x.shape[1])
+    seg = F.pad(seq_idx, (k - 1, 0), value=0)  # prefix and zero padding: segment 0
+    out = torch.zeros_like(x)
+    for j in range(k):  # tap j reads token t - (k - 1 - j)
+        same = (seg[:, j : j + t] == seq_idx).unsqueeze(1).to(x.dtype)
+        out = out + xp[..., j : j + t] * weight[:, j, None] * same
+    return out if bias is None else out + bias[:, None]
+
+
+def ssd_scan_ref(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=None):
+    """Chunked SSD scan of Mamba-2 (the quadratic-within-chunk, linear-across-chunks form).
+
+    x (B, T, H, P), dt (B, T, H) after softplus and clamp, A (H,) negative, B and C (B, T, G, N),
+    D (H,), initial_state (B, H, P, N), seq_idx (B, T) or None.
+    Returns y (B, T, H, P) and the final state (B, H, P, N), both float32.
+    """
+    b, t, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    hg = h // g
+    x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
+    pad = (-t) % chunk_size
+    if pad:  # padded steps have dt = 0 and x = 0: they change neither outputs nor the final state
+        x, dt, B, C = (F.pad(v, (0, 0) * (v.dim() - 2) + (0, pad)) for v in (x, dt, B, C))
+        if seq_idx is not None:
+            seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1)
+    c, L = (t + pad) // chunk_size, chunk_size
+    x = x.view(b, c, L, h, p)
+    B = B.view(b, c, L, g, n)
+    C = C.view(b, c, L, g, n)
+    dA = (dt * A.float()).view(b, c, L, h).permute(0, 1, 3, 2)  # (B, C, H, L)
+    dt = dt.view(b, c, L, h).permute(0, 1, 3, 2)  # (B, C, H, L)
+    cs = torch.cumsum(dA, dim=-1)  # (B, C, H, L)
+
+    causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+    if seq_idx is not None:
+        seg = seq_idx.view(b, c, L)
+        same = seg[:, :, :, None] == seg[:, :, None, :]  # (B, C, L, L)
+        keep = (causal & same).unsqueeze(2)  # (B, C, 1, L, L)
+        seg_end = seg[:, :, -1]  # (B, C) segment whose state leaves each chunk
+    else:
+        keep = causal
+
+    # 1. Within chunks: y_l = sum_{s<=l} C_l.B_s exp(cs_l - cs_s) dt_s x_s
+    decay = torch.exp((cs[..., :, None] - cs[..., None, :]).masked_fill(~keep, -torch.inf))  # (B, C, H, L, L)
+    CB = torch.matmul(C.permute(0, 1, 3, 2, 4), B.permute(0, 1, 3, 4, 2))  # (B, C, G, L, L)
+    M = decay.view(b, c, g, hg, L, L) * CB.unsqueeze(3) * dt.view(b, c, g, hg, 1, L)
+    xh = x.permute(0, 1, 3, 2, 4)  # (B, C, H, L, P)
+    y = torch.matmul(M.view(b, c, h, L, L), xh)  # (B, C, H, L, P)
+
+    # 2. State each chunk leaves behind: sum_s exp(cs_end - cs_s) dt_s x_s B_s^T
+    w = torch.exp(cs[..., -1:] - cs) * dt  # (B, C, H, L)
+    if seq_idx is not None:
+        w = w * (seg == seg_end[..., None]).unsqueeze(2)
+    xw = (xh * w.unsqueeze(-1)).view(b, c, g, hg, L, p).permute(0, 1, 2, 3, 5, 4).reshape(b, c, g, hg * p, L)
+    states = torch.matmul(xw, B.permute(0, 1, 3, 2, 4)).view(b, c, h, p, n)  # (B, C, H, P, N)
+
+    # 3. Across chunks: state entering chunk k = sum_{j<k} exp(E_{k-1} - E_j) states_j (+ initial)
+    if initial_state is None:
+        initial_state = torch.zeros(b, h, p, n, dtype=x.dtype, device=x.device)
+    states = torch.cat([initial_state.float().unsqueeze(1), states], dim=1)  # (B, C+1, H, P, N)
+    E = F.pad(torch.cumsum(cs[..., -1], dim=1), (0, 0, 1, 0))  # (B, C+1, H): log decay up to each chunk end
+    chunk_causal = torch.ones(c + 1, c + 1, dtype=torch.bool, device=x.device).tril()
+    gap = E[:, :, None, :] - E[:, None, :, :]  # (B, C+1, C+1, H): from end j to end k
+    if seq_idx is not None:
+        ends = F.pad(seg_end, (1, 0), value=0)  # the initial state is segment 0
+        chunk_keep = chunk_causal & (ends[:, :, None] == ends[:, None, :])
+        chunk_keep = chunk_keep.unsqueeze(-1)
+    else:
+        chunk_keep = chunk_causal[..., None]
+    chunk_decay = torch.exp(gap.masked_fill(~chunk_keep, -torch.inf))  # (B, C+1, C+1, H)
+    carried = torch.einsum("bkjh,bjhpn->bkhpn", chunk_decay, states)  # (B, C+1, H, P, N)
+    entering, final_state = carried[:, :-1], carried[:, -1]
+
+    # 4. Output of the entering state: y_l += exp(cs_l) C_l . state
+    Cg = C.permute(0, 1, 3, 2, 4)  # (B, C, G, L, N)
+    st = entering.reshape(b, c, g, hg * p, n).transpose(-1, -2)  # (B, C, G, N, HG*P)
+    y_off = torch.matmul(Cg, st).view(b, c, g, L, hg, p).permute(0, 1, 2, 4, 3, 5).reshape(b, c, h, L, p)
+    out_decay = torch.exp(cs)  # (B, C, H, L)
+    if seq_idx is not None:
+        out_decay = out_decay * (seg == F.pad(seg_end, (1, 0), value=0)[:, :-1, None]).unsqueeze(2)
+    y = y + y_off * out_decay.unsqueeze(-1)
+
+    y = y.permute(0, 1, 3, 2, 4).reshape(b, c * L, h, p)[:, :t]
+    if D is not None:
+        y = y + x.view(b, c * L, h, p)[:, :t] * D.float()[:, None]
+    return y, final_state
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, initial_state=None, seq_idx=None, chunk_size=64):
+    """Selective scan of Mamba-1 without a loop over tokens.
+
+    u, delta (B, T, E), A (E, N) negative, B and C (B, T, N), D (E,), initial_state (B, E, N).
+    Within a chunk the linear recurrence h_t = a_t h_{t-1} + b_t is solved by log-depth doubling
+    (products of decays only, so no overflow); chunks are chained one after another.
+    Returns y (B, T, E) and the final state (B, E, N), float32.
+    """
+    u, delta, B, C = u.float(), delta.float(), B.float(), C.float()
+    b, t, e = u.shape
+    decay = torch.exp(delta.unsqueeze(-1) * A.float())  # (B, T, E, N)
+    if seq_idx is not None:  # a new segment starts from a zero state
+        start = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0), value=False)
+        decay = decay.masked_fill(start[:, :, None, None], 0.0)
+    inp = (delta * u).unsqueeze(-1) * B.unsqueeze(2)  # (B, T, E, N)
+    state = initial_state.float() if initial_state is not None else u.new_zeros(b, e, A.shape[-1])
+    ys = []
+    for s in range(0, t, chunk_size):
+        a, x = decay[:, s : s + chunk_size], inp[:, s : s + chunk_size]
+        step = 1
+        while step < a.shape[1]:  # inclusive scan: (a, x)_t <- (a_t a_{t-step}, x_t + a_t x_{t-step})
+            x = torch.cat([x[:, :step], x[:, step:] + a[:, step:] * x[:, :-step]], dim=1)
+            a = torch.cat([a[:, :step], a[:, step:] * a[:, :-step]], dim=1)
+            step *= 2
+        hs = x + a * state.unsqueeze(1)  # (B, L, E, N)
+        ys.append(torch.einsum("blen,bln->ble", hs, C[:, s : s + chunk_size]))
+        state = hs[:, -1]
+    y = torch.cat(ys, dim=1)
+    if D is not None:
+        y = y + u * D.float()
+    return y, state
+
+
+def _use_kernels(module: nn.Module, x: torch.Tensor) -> bool:
+    return x.is_cuda and module.config.use_mamba_kernels and not torch.compiler.is_compiling()
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------
+
+
+class HybridMambaRMSNorm(nn.Module):
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self):
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class HybridMambaRMSNormGated(nn.Module):
+    """norm(y * silu(z)) with one RMS statistic per group of channels (mamba-ssm, norm_before_gate=False)."""
+
+    def __init__(self, hidden_size, group_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+        self.group_size = group_size
+
+    def forward(self, hidden_states, gate):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32) * F.silu(gate.to(torch.float32))
+        *prefix, d = hidden_states.shape
+        grouped = hidden_states.view(*prefix, d // self.group_size, self.group_size)
+        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * grouped.view(*prefix, d).to(input_dtype)
+
+
+class HybridMambaRotaryEmbedding(nn.Module):
+    def __init__(self, config: HybridMambaConfig):
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters["rope_type"]
+        rope_init_fn: Callable = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config, device=None, **kwargs):
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x, position_ids):
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    b, h_kv, t, d = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    return hidden_states[:, :, None].expand(b, h_kv, n_rep, t, d).reshape(b, h_kv * n_rep, t, d)
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class HybridMambaAttention(nn.Module):
+    """Grouped-query attention with RoPE (or none), as in Llama."""
+
+    def __init__(self, config: HybridMambaConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, T, P)
+        k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hkv, T, P)
+        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        if position_embeddings is not None:
+            q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, weights = attention_interface(
+            self,
+            q,
+            k,
+            v,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        out = out.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(out), weights
+
+
+class HybridMambaMLP(nn.Module):
+    def __init__(self, config: HybridMambaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _MambaMixerBase(nn.Module):
+    """Shared parts of both Mamba versions: the causal conv with its cache, and parameter tags."""
+
+    def _tag_ssm_parameters(self):
+        # Read by trainers: no weight decay on these (mamba-ssm's convention).
+        for p in (self.A_log, self.D, getattr(self, "dt_bias", None)):
+            if p is not None:
+                p._no_weight_decay = True
+
+    def _conv(self, xBC, cache, seq_idx):
+        """xBC (B, E, T) -> conv output (B, E, T) before activation, updating the conv cache."""
+        prefix = cache.get_conv_state(self.layer_idx) if cache is not None else None
+        w, bias = self.conv1d.weight.squeeze(1), self.conv1d.bias
+        if prefix is None and seq_idx is None and _use_kernels(self, xBC) and causal_conv1d_fn is not None:
+            out = causal_conv1d_fn(xBC, w, bias, activation=None)
+        elif prefix is None and seq_idx is None and type(self.conv1d) is nn.Conv1d:
+            out = self.conv1d(xBC)[..., : xBC.shape[-1]]
+        else:
+            out = causal_conv1d_ref(xBC, w, bias, prefix=prefix, seq_idx=seq_idx)
+        if cache is not None:  # after the conv: the cached tensor is updated in place
+            cache.update_conv_state(xBC, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
+        return out
+
+    def _conv_step(self, xBC, cache):
+        """One decode step: xBC (B, E, 1)."""
+        full = cache.update_conv_state(xBC, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
+        w = self.conv1d.weight.squeeze(1)  # (E, K)
+        out = (full[..., -self.conv_kernel_size :].to(w.dtype) * w).sum(-1, keepdim=True)
+        return out if self.conv1d.bias is None else out + self.conv1d.bias[:, None]
+
+
+class HybridMamba2Mixer(_MambaMixerBase):
+    """Mamba-2 (SSD) mixer, laid out as mamba-ssm's `Mamba2` (and transformers' `Mamba2Mixer`)."""
+
+    def __init__(self, config: HybridMambaConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.d_inner = config.mamba_expand * config.hidden_size
+        self.head_dim = config.mamba_head_dim
+        self.num_heads = self.d_inner // self.head_dim
+        self.n_groups = config.mamba_n_groups
+        self.d_state = config.mamba_d_state
+        self.conv_kernel_size = config.mamba_d_conv
+        self.chunk_size = config.mamba_chunk_size
+        self.dt_limit = tuple(config.mamba_dt_limit)
+        self.conv_dim = self.d_inner + 2 * self.n_groups * self.d_state
+        self.in_proj = nn.Linear(self.hidden_size, self.d_inner + self.conv_dim + self.num_heads, bias=config.mamba_proj_bias)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, config.mamba_d_conv, groups=self.conv_dim,
+            padding=config.mamba_d_conv - 1, bias=config.mamba_conv_bias,
+        )
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32))
+        self.A_log = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32))
+        self.norm = HybridMambaRMSNormGated(self.d_inner, self.d_inner // self.n_groups, eps=config.rms_norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, self.hidden_size, bias=config.mamba_proj_bias)
+        self._tag_ssm_parameters()
+
+    def forward(self, hidden_states, cache=None, pad_mask=None, seq_idx=None):
+        b, t, _ = hidden_states.shape
+        zxbcdt = self.in_proj(hidden_states)  # (B, T, d_inner + conv_dim + H)
+        z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        if pad_mask is not None:
+            xBC = xBC * pad_mask[..., None].to(xBC.dtype)
+        A = -torch.exp(self.A_log.float())  # (H,)
+        state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
+
+        if state is not None and t == 1:
+            y = self._step(xBC, dt, A, cache, state)
+        else:
+            xBC = F.silu(self._conv(xBC.transpose(1, 2), cache, seq_idx)).transpose(1, 2)  # (B, T, conv_dim)
+            x, B, C = xBC.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
+            x = x.reshape(b, t, self.num_heads, self.head_dim)
+            B = B.reshape(b, t, self.n_groups, self.d_state)
+            C = C.reshape(b, t, self.n_groups, self.d_state)
+            if _use_kernels(self, x) and mamba_chunk_scan_combined is not None:
+                y, final = mamba_chunk_scan_combined(
+                    x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+                    dt_limit=self.dt_limit, initial_states=state,
+                    seq_idx=seq_idx.to(torch.int32) if seq_idx is not None else None,
+                    return_final_states=True,
+                )
+            else:
+                dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
+                y, final = ssd_scan_ref(x, dt, A, B, C, self.chunk_size, D=self.D, initial_state=state, seq_idx=seq_idx)
+            if cache is not None:
+                cache.update_recurrent_state(final, self.layer_idx)
+            y = y.reshape(b, t, self.d_inner)
+        y = self.norm(y.to(hidden_states.dtype), z)
+        return self.out_proj(y)
+
+    def _step(self, xBC, dt, A, cache, state):
+        """One decode step with the recurrent form; cost independent of the context length."""
+        b = xBC.shape[0]
+        xBC = F.silu(self._conv_step(xBC.transpose(1, 2), cache)).squeeze(-1)  # (B, conv_dim)
+        x, B, C = xBC.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
+        x = x.reshape(b, self.num_heads, self.head_dim)
+        B = B.reshape(b, self.n_groups, self.d_state)
+        C = C.reshape(b, self.n_groups, self.d_state)
+        if _use_kernels(self, x) and selective_state_update is not None:
+            y = selective_state_update(
+                state, x, dt[:, 0, :, None].expand(-1, -1, self.head_dim),
+                A[:, None, None].expand(-1, self.head_dim, self.d_state), B, C,
+                D=self.D[:, None].expand(-1, self.head_dim), dt_bias=self.dt_bias[:, None].expand(-1, self.head_dim),
+                dt_softplus=True,
+            )
+            return y.reshape(b, 1, self.d_inner)
+        dt = F.softplus(dt[:, 0].float() + self.dt_bias.float()).clamp(*self.dt_limit)  # (B, H)
+        hg = self.num_heads // self.n_groups
+        B = B.float().repeat_interleave(hg, dim=1)  # (B, H, N)
+        C = C.float().repeat_interleave(hg, dim=1)
+        x = x.float()
+        new_state = state.float() * torch.exp(dt * A)[..., None, None] + (dt[..., None] * x)[..., None] * B[:, :, None]
+        cache.update_recurrent_state(new_state.to(state.dtype), self.layer_idx)
+        y = torch.matmul(new_state, C.unsqueeze(-1)).squeeze(-1) + x * self.D.float()[:, None]  # (B, H, P)
+        return y.reshape(b, 1, self.d_inner)
+
+
+class HybridMamba1Mixer(_MambaMixerBase):
+    """Mamba-1 (selective scan) mixer, laid out as mamba-ssm's `Mamba` (and transformers' `MambaMixer`)."""
+
+    def __init__(self, config: HybridMambaConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.d_inner = config.mamba_expand * config.hidden_size
+        self.d_state = config.mamba_d_state
+        self.dt_rank = config.mamba_dt_rank
+        self.conv_kernel_size = config.mamba_d_conv
+        self.in_proj = nn.Linear(self.hidden_size, 2 * self.d_inner, bias=config.mamba_proj_bias)
+        self.conv1d = nn.Conv1d(
+            self.d_inner, self.d_inner, config.mamba_d_conv, groups=self.d_inner,
+            padding=config.mamba_d_conv - 1, bias=config.mamba_conv_bias,
+        )
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, self.d_state, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(self.d_inner, dtype=torch.float32))
+        self.out_proj = nn.Linear(self.d_inner, self.hidden_size, bias=config.mamba_proj_bias)
+        self._tag_ssm_parameters()
+
+    def forward(self, hidden_states, cache=None, pad_mask=None, seq_idx=None):
+        b, t, _ = hidden_states.shape
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, T, E) each
+        if pad_mask is not None:
+            x = x * pad_mask[..., None].to(x.dtype)
+        A = -torch.exp(self.A_log.float())  # (E, N)
+        state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
+        step = state is not None and t == 1
+        if step:
+            x = self._conv_step(x.transpose(1, 2), cache).transpose(1, 2)
+        else:
+            x = self._conv(x.transpose(1, 2), cache, seq_idx).transpose(1, 2)
+        x = F.silu(x)
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(self.dt_proj(dt).float())  # (B, T, E); the module call keeps adapters on dt_proj active
+        if step:
+            decay = torch.exp(dt[:, 0, :, None] * A)  # (B, E, N)
+            new_state = state.float() * decay + (dt[:, 0] * x[:, 0].float())[..., None] * B[:, 0, None].float()
+            cache.update_recurrent_state(new_state.to(state.dtype), self.layer_idx)
+            y = (new_state @ C[:, 0, :, None].float()).squeeze(-1) + x[:, 0].float() * self.D.float()
+            y = y.unsqueeze(1)
+        elif _use_kernels(self, x) and selective_scan_fn is not None and seq_idx is None and state is None:
+            y, final = selective_scan_fn(
+                x.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
+                return_last_state=True,
+            )
+            y = y.transpose(1, 2)
+            if cache is not None:
+                cache.update_recurrent_state(final, self.layer_idx)
+        else:
+            y, final = selective_scan_ref(x, dt, A, B, C, D=self.D, initial_state=state, seq_idx=seq_idx)
+            if cache is not None:
+                cache.update_recurrent_state(final, self.layer_idx)
+        y = y.to(hidden_states.dtype) * F.silu(z)
+        return self.out_proj(y)
+
+
+MIXER_CLASSES = {"attention": HybridMambaAttention, "mamba1": HybridMamba1Mixer, "mamba2": HybridMamba2Mixer}
+
+
+class HybridMambaDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm residual block: token mixer (Mamba or attention), then SwiGLU MLP (when configured)."""
+
+    def __init__(self, config: HybridMambaConfig, layer_idx: int):
+        super().__init__()
+        self.mixer_type = config.mixer_type(layer_idx)
+        self.input_layernorm = HybridMambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        mixer = MIXER_CLASSES[self.mixer_type](config, layer_idx)
+        if self.mixer_type == "attention":
+            self.self_attn = mixer
+        else:
+            self.mamba = mixer
+        if config.intermediate_size > 0:
+            self.pre_mlp_layernorm = HybridMambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.mlp = HybridMambaMLP(config)
+        else:
+            self.mlp = None
+
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_embeddings=None,
+        past_key_values=None,
+        pad_mask=None,
+        seq_idx=None,
+        **kwargs,
+    ):
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        if self.mixer_type == "attention":
+            hidden_states, _ = self.self_attn(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+        else:
+            hidden_states = self.mamba(hidden_states, cache=past_key_values, pad_mask=pad_mask, seq_idx=seq_idx)
+        hidden_states = residual + hidden_states
+        if self.mlp is not None:
+            hidden_states = hidden_states + self.mlp(self.pre_mlp_layernorm(hidden_states))
+        return hidden_states
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+
+class HybridMambaPreTrainedModel(PreTrainedModel):
+    config_class = HybridMambaConfig
+    config: HybridMambaConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HybridMambaDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _is_stateful = True
+    _keep_in_fp32_modules_strict = ["mamba.A_log", "mamba.D", "mamba.dt_bias"]
+    _can_record_outputs = {"hidden_states": HybridMambaDecoderLayer, "attentions": HybridMambaAttention}
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (HybridMambaRMSNorm, HybridMambaRMSNormGated)):
+            init.ones_(module.weight)
+        elif isinstance(module, nn.Conv1d):
+            # PyTorch's default for a depthwise conv, as mamba-ssm keeps it
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.weight.shape[1] * module.weight.shape[2])
+                init.uniform_(module.bias, -bound, bound)
+
+        if isinstance(module, (HybridMamba1Mixer, HybridMamba2Mixer)):
+            cfg = self.config
+            n = module.dt_bias.shape[0] if isinstance(module, HybridMamba2Mixer) else module.d_inner
+            # dt ~ log-uniform in [dt_min, dt_max]; stored through the inverse softplus
+            dt = torch.exp(
+                torch.rand(n) * (math.log(cfg.mamba_dt_max) - math.log(cfg.mamba_dt_min)) + math.log(cfg.mamba_dt_min)
+            ).clamp(min=cfg.mamba_dt_init_floor)
+            inv_dt = dt + torch.log(-torch.expm1(-dt))
+            init.ones_(module.D)
+            if isinstance(module, HybridMamba2Mixer):
+                init.copy_(module.dt_bias, inv_dt)
+                init.copy_(module.A_log, torch.log(torch.empty(module.num_heads).uniform_(1, 16)))
+            else:
+                init.copy_(module.dt_proj.bias, inv_dt)
+                dt_std = module.dt_rank**-0.5
+                init.uniform_(module.dt_proj.weight, -dt_std, dt_std)
+                A = torch.arange(1, module.d_state + 1, dtype=torch.float32).expand(module.d_inner, -1)
+                init.copy_(module.A_log, torch.log(A))
+
+        if self.config.rescale_prenorm_residual:
+            # Projections writing into the residual stream: std / sqrt(residual branches), as GPT-2 and mamba-ssm
+            branches = self.config.num_hidden_layers * (2 if self.config.intermediate_size > 0 else 1)
+            for name in ("out_proj", "o_proj", "down_proj"):
+                proj = getattr(module, name, None)
+                if isinstance(proj, nn.Linear):
+                    init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(branches))
+
+    def no_weight_decay_parameter_names(self) -> set[str]:
+        """Names of the parameters tagged `_no_weight_decay` (A_log, D, dt_bias)."""
+        return {name for name, p in self.named_parameters() if getattr(p, "_no_weight_decay", False)}
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the remote code: the folder loads with
+        `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` without this repository."""
+        self.config.auto_map = dict(REMOTE_CODE_AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_remote_code(save_directory)
+
+
+class HybridMambaModel(HybridMambaPreTrainedModel):
+    def __init__(self, config: HybridMambaConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([HybridMambaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = HybridMambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        uses_rope = config.position_embedding_type == "rope" and "attention" in config.layer_types
+        self.rotary_emb = HybridMambaRotaryEmbedding(config) if uses_rope else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        b, t = inputs_embeds.shape[:2]
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+
+        # A 2D mask without zeros carries no information: dropping it keeps the fast unmasked paths.
+        if attention_mask is not None and attention_mask.dim() == 2 and bool(attention_mask.all()):
+            attention_mask = None
+        mask_2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        if position_ids is None:
+            if mask_2d is not None:  # left padding: each row counts from its first real token
+                position_ids = (mask_2d.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
+            else:
+                past = 0
+                if past_key_values is not None and "attention" in self.config.layer_types:
+                    past = past_key_values.get_seq_length()
+                position_ids = torch.arange(past, past + t, device=inputs_embeds.device).unsqueeze(0)
+        pad_mask = mask_2d[:, -t:].bool() if mask_2d is not None else None
+        seq_idx = segment_ids(position_ids.expand(b, -1), pad_mask) if t > 1 else None
+
+        causal_mask = None
+        if "attention" in self.config.layer_types:
+            mask_cache = past_key_values
+            if seq_idx is not None and attention_mask is None and mask_cache is not None and mask_cache.get_seq_length() == 0:
+                # Packed documents in a first forward: transformers builds the block-causal mask only
+                # when it sees no cache.
+                mask_cache = None
+            causal_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                past_key_values=mask_cache,
+                position_ids=position_ids,
+            )
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids) if self.rotary_emb is not None else None
+
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                past_key_values=past_key_values,
+                pad_mask=pad_mask,
+                seq_idx=seq_idx,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+
+class HybridMambaForCausalLM(HybridMambaPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: HybridMambaConfig):
+        super().__init__(config)
+        self.model = HybridMambaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""labels (B, T): next-token targets are `labels` shifted inside the loss; -100 is ignored."""
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, cache_params=None, **kwargs):
+        # generate() files the cache of any class named "*mamba*" under `cache_params`.
+        if past_key_values is None:
+            past_key_values = cache_params
+        return super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
+
+
+class HybridMambaForSequenceClassification(GenericForSequenceClassification, HybridMambaPreTrainedModel):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Remote code
+# ----------------------------------------------------------------------------------------------
+
+REMOTE_CODE_AUTO_MAP = {
+    "AutoConfig": "configuration_hybrid_mamba.HybridMambaConfig",
+    "AutoModel": "modeling_hybrid_mamba.HybridMambaModel",
+    "AutoModelForCausalLM": "modeling_hybrid_mamba.HybridMambaForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_hybrid_mamba.HybridMambaForSequenceClassification",
+}
+
+
+def write_remote_code(save_directory) -> list[Path]:
+    """Copy this file and the configuration file into `save_directory` (the model's remote code)."""
+    import inspect
+    import shutil
+
+    out = Path(save_directory)
+    written = []
+    for obj, name in ((HybridMambaConfig, "configuration_hybrid_mamba.py"), (HybridMambaModel, "modeling_hybrid_mamba.py")):
+        src = Path(inspect.getsourcefile(obj))
+        dst = out / name
+        if src.resolve() != dst.resolve():
+            tmp = dst.with_suffix(".py.tmp")
+            shutil.copyfile(src, tmp)
+            tmp.replace(dst)
+        written.append(dst)
+    return written
+
+
+__all__ = [
+    "HybridMambaPreTrainedModel",
+    "HybridMambaModel",
+    "HybridMambaForCausalLM",
+    "HybridMambaForSequenceClassification",
+    "HybridMamba1Mixer",
+    "HybridMamba2Mixer",
+    "HybridMambaAttention",
+    "ssd_scan_ref",
+    "selective_scan_ref",
+    "causal_conv1d_ref",
+    "segment_ids",
+    "write_remote_code",
+]

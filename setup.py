@@ -1,0 +1,46 @@
+"""Packaging for hybrid-mamba.
+
+torch is declared with an ordinary range here. On CPU-only machines install the pinned CPU build
+first (the Makefile does: ``pip install torch==2.13.0`` with ``requirements/cpu.txt`` as a
+constraint), otherwise pip resolves the newest torch with its CUDA wheels.
+"""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+
+install_requires = [
+    "torch>=2.4,<3",
+    "transformers>=5.0,<6",
+    "accelerate>=1.0",
+    "datasets>=3.0",
+    "peft>=0.15",
+    "evaluate>=0.4",
+    "lm-eval>=0.4.5",
+    "safetensors>=0.4",
+    "huggingface_hub>=1.0",
+    "tokenizers>=0.21",
+    "pyyaml>=6",
+    "numpy",
+]
+
+extras_require = {
+    # CUDA kernels: used when importable on a CUDA device, the pure-torch path is the fallback.
+    "cuda": ["mamba-ssm>=2.2", "causal-conv1d>=1.4", "flash-attn>=2.6", "bitsandbytes>=0.45"],
+    "dev": ["pytest>=8", "matplotlib>=3.8"],
+}
+
+setup(
+    name="hybrid-mamba",
+    version="0.1.0",
+    description="A hybrid Mamba/attention causal language model for the Hugging Face ecosystem",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["configuration*", "modeling*", "trainers*", "data_scripts*", "eval_harness*", "hub_cards*"]),
+    include_package_data=True,
+    install_requires=install_requires,
+    extras_require=extras_require,
+)
