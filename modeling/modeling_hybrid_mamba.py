@@ -640,16 +640,10 @@ class HybridMambaPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
+        # Linear and Embedding ~ N(0, initializer_range), norms to one, RoPE buffers
+        super()._init_weights(module)
         std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, (HybridMambaRMSNorm, HybridMambaRMSNormGated)):
-            init.ones_(module.weight)
-        elif isinstance(module, nn.Conv1d):
+        if isinstance(module, nn.Conv1d):
             # PyTorch's default for a depthwise conv, as mamba-ssm keeps it
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             if module.bias is not None:

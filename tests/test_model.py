@@ -1,0 +1,214 @@
+"""Behaviour of the model on CPU: cache, padding, packing, generation, gradients, save/load."""
+
+import json
+
+import pytest
+import torch
+from conftest import LAYOUTS, tiny_config
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, DynamicCache
+
+from modeling import HybridMambaForCausalLM, HybridMambaForSequenceClassification, HybridMambaModel
+
+ALL_LAYOUTS = list(LAYOUTS)
+
+
+def model_for(layout, **kw):
+    return HybridMambaForCausalLM(tiny_config(layout, **kw)).eval()
+
+
+def ids(b=2, t=21, vocab=512):
+    return torch.randint(3, vocab, (b, t))
+
+
+@pytest.mark.parametrize("layout", ALL_LAYOUTS)
+def test_cached_decode_equals_full_forward(layout):
+    m, x = model_for(layout), ids()
+    with torch.no_grad():
+        full = m(x, use_cache=False).logits
+        out = m(x[:, :13], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits]
+        for i in range(13, x.shape[1]):
+            out = m(x[:, i : i + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+        torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+        # a multi-token continuation from a cache (chunked prefill) too
+        first = m(x[:, :6], use_cache=True)
+        rest = m(x[:, 6:], past_key_values=first.past_key_values, use_cache=True)
+        torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_is_built_per_layer_from_the_config():
+    m = model_for("hybrid")
+    cache = DynamicCache(config=m.config)
+    assert cache.is_linear == [True, False, True, True]
+    with torch.no_grad():
+        m(ids(1, 9), past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == 9
+
+
+def test_mamba_state_does_not_grow_with_context():
+    m = model_for("mamba2")
+    sizes = []
+    with torch.no_grad():
+        for t in (8, 40):
+            cache = m(ids(1, t), use_cache=True).past_key_values
+            sizes.append([(c.shape, r.shape) for c, r in zip(cache.layers[0].conv_states.values(), cache.layers[0].recurrent_states.values())])
+    assert sizes[0] == sizes[1]
+
+
+@pytest.mark.parametrize("layout", ALL_LAYOUTS)
+def test_left_padded_batch_equals_rows_alone(layout):
+    m, x = model_for(layout), ids(3, 17)
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    mask[2, :12] = 0  # shorter than the conv width after decoding starts
+    x = x.masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        batch = m(x, attention_mask=mask).logits
+        gen = m.generate(x, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        for row in range(3):
+            start = int((mask[row] == 0).sum())
+            alone = m(x[row : row + 1, start:]).logits
+            torch.testing.assert_close(batch[row, start:], alone[0], atol=1e-5, rtol=1e-5)
+            gen_alone = m.generate(x[row : row + 1, start:], max_new_tokens=6, do_sample=False)
+            assert gen[row, 17:].tolist() == gen_alone[0, 17 - start :].tolist()
+
+
+@pytest.mark.parametrize("layout", ALL_LAYOUTS)
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_packed_row_equals_documents_alone(layout, use_cache):
+    m, x = model_for(layout), ids(1, 30)
+    lengths = [9, 4, 17]
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        packed = m(x, position_ids=pos, use_cache=use_cache).logits
+        start = 0
+        for n in lengths:
+            alone = m(x[:, start : start + n]).logits
+            torch.testing.assert_close(packed[:, start : start + n], alone, atol=1e-5, rtol=1e-5)
+            start += n
+
+
+def test_generation_modes():
+    m, x = model_for("hybrid"), ids(2, 7)
+    with torch.no_grad():
+        greedy = m.generate(x, max_new_tokens=8, do_sample=False)
+        no_cache = m.generate(x, max_new_tokens=8, do_sample=False, use_cache=False)
+        assert greedy.tolist() == no_cache.tolist()
+        beams = m.generate(x, max_new_tokens=8, num_beams=3, do_sample=False, num_return_sequences=2)
+        assert beams.shape == (4, 15)
+        torch.manual_seed(1)
+        sampled = m.generate(x, max_new_tokens=8, do_sample=True, top_k=20, temperature=1.5)
+        assert sampled.shape == (2, 15)
+
+
+def test_beam_search_matches_uncached_scoring():
+    m, x = model_for("hybrid"), ids(1, 6)
+    with torch.no_grad():
+        out = m.generate(x, max_new_tokens=5, num_beams=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
+        seq = out.sequences
+        # the returned beam's score is its summed log-probability under a full forward
+        logp = torch.log_softmax(m(seq, use_cache=False).logits[0, 5:-1], -1)
+        total = logp.gather(-1, seq[0, 6:, None]).sum()
+        torch.testing.assert_close(out.sequences_scores[0] * 5, total, atol=1e-4, rtol=1e-4)
+
+
+def test_loss_ignores_minus_100():
+    m, x = model_for("hybrid"), ids(2, 12)
+    labels = x.clone()
+    labels[0, :4] = -100
+    out = m(x, labels=labels)
+    logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
+    ref = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, ref)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    m = model_for("hybrid").train()
+    x = ids(2, 19)
+
+    def grads():
+        m.zero_grad()
+        m(x, labels=x).loss.backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    m.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ckpt = grads()
+    assert plain.keys() == ckpt.keys() and len(plain) == len(list(m.parameters()))
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_every_parameter_gets_a_gradient():
+    m = model_for("hybrid").train()
+    x = ids(2, 19)
+    m(x, labels=x).loss.backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_ssm_parameters_fp32_and_tagged(tmp_path):
+    m = model_for("hybrid")
+    tagged = m.no_weight_decay_parameter_names()
+    assert tagged and all(n.rsplit(".", 1)[-1] in {"A_log", "D", "dt_bias"} for n in tagged)
+    assert {n.rsplit(".", 1)[-1] for n in tagged} == {"A_log", "D", "dt_bias"}
+    m.save_pretrained(tmp_path)
+    bf16 = HybridMambaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    for name, p in bf16.named_parameters():
+        expected = torch.float32 if name.rsplit(".", 1)[-1] in {"A_log", "D", "dt_bias"} else torch.bfloat16
+        assert p.dtype == expected, name
+    with torch.no_grad():
+        out = bf16(ids(1, 9)).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    m = model_for("hybrid")
+    m.save_pretrained(tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"config.json", "model.safetensors", "configuration_hybrid_mamba.py", "modeling_hybrid_mamba.py"} <= files
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_hybrid_mamba.HybridMambaForCausalLM"
+    assert "dtype" in config and "torch_dtype" not in config
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is HybridMambaForCausalLM
+    for (n1, p1), (n2, p2) in zip(m.state_dict().items(), loaded.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(m(x).logits, loaded(x).logits)
+
+
+def test_auto_classes():
+    cfg = tiny_config("hybrid")
+    assert type(AutoConfig.for_model("hybrid_mamba", hidden_size=64, num_attention_heads=4)).__name__ == "HybridMambaConfig"
+    assert type(AutoModel.from_config(cfg)) is HybridMambaModel
+    assert type(AutoModelForCausalLM.from_config(cfg)) is HybridMambaForCausalLM
+    assert type(AutoModelForSequenceClassification.from_config(cfg)) is HybridMambaForSequenceClassification
+
+
+def test_sequence_classification_uses_last_real_token():
+    cfg = tiny_config("hybrid", num_labels=3, pad_token_id=0)
+    m = HybridMambaForSequenceClassification(cfg).eval()
+    x = ids(2, 10)
+    x[1, 7:] = 0  # right padding
+    mask = (x != 0).long()
+    out = m(x, attention_mask=mask, labels=torch.tensor([0, 2]))
+    assert out.logits.shape == (2, 3) and out.loss.ndim == 0
+    with torch.no_grad():
+        alone = m(x[1:, :7]).logits
+    torch.testing.assert_close(out.logits[1:].detach(), alone, atol=1e-5, rtol=1e-5)
+
+
+def test_no_mlp_and_nope_layouts():
+    for kw in (dict(intermediate_size=0), dict(position_embedding_type="none")):
+        m = model_for("hybrid", **kw)
+        x = ids(1, 11)
+        with torch.no_grad():
+            full = m(x).logits
+            c = m(x[:, :10], use_cache=True)
+            step = m(x[:, 10:], past_key_values=c.past_key_values, use_cache=True).logits
+        torch.testing.assert_close(step[:, -1], full[:, -1], atol=1e-5, rtol=1e-5)
+    assert model_for("hybrid", intermediate_size=0).model.layers[0].mlp is None
+    assert model_for("hybrid", position_embedding_type="none").model.rotary_emb is None

@@ -1,0 +1,97 @@
+"""The chunked pure-torch scans against token-by-token recurrences (the definitions)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modeling.modeling_hybrid_mamba import causal_conv1d_ref, segment_ids, selective_scan_ref, ssd_scan_ref
+
+
+def _resets(seq_idx, i):
+    return (seq_idx[:, i] != seq_idx[:, i - 1]) if (seq_idx is not None and i > 0) else None
+
+
+def ssd_recurrent(x, dt, A, B, C, D, h0, seq_idx):
+    b, t, h, p = x.shape
+    hg = h // B.shape[2]
+    Bh, Ch = B.repeat_interleave(hg, 2), C.repeat_interleave(hg, 2)
+    state = h0.clone()
+    ys = []
+    for i in range(t):
+        if (r := _resets(seq_idx, i)) is not None:
+            state = state * (~r).float()[:, None, None, None]
+        state = state * torch.exp(dt[:, i] * A)[..., None, None] + (dt[:, i, :, None] * x[:, i])[..., None] * Bh[:, i, :, None]
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, Ch[:, i]) + D[:, None] * x[:, i])
+    return torch.stack(ys, 1), state
+
+
+def selective_recurrent(u, delta, A, B, C, D, h0, seq_idx):
+    state = h0.clone()
+    ys = []
+    for i in range(u.shape[1]):
+        if (r := _resets(seq_idx, i)) is not None:
+            state = state * (~r).float()[:, None, None]
+        state = state * torch.exp(delta[:, i, :, None] * A) + (delta[:, i] * u[:, i])[..., None] * B[:, i, None]
+        ys.append(torch.einsum("ben,bn->be", state, C[:, i]) + D * u[:, i])
+    return torch.stack(ys, 1), state
+
+
+def _segments(b, t):
+    seq = torch.zeros(b, t, dtype=torch.long)
+    seq[0, 9:] = 1
+    seq[0, 20:] = 2
+    seq[1, 3:] = 1
+    return seq
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("t, chunk", [(29, 8), (16, 16), (5, 8)])
+def test_ssd_chunked_scan_matches_recurrence(packed, t, chunk):
+    b, h, p, g, n = 2, 4, 3, 2, 5
+    x = torch.randn(b, t, h, p, dtype=torch.float64)
+    dt = F.softplus(torch.randn(b, t, h, dtype=torch.float64))
+    A = -torch.rand(h, dtype=torch.float64) * 2
+    B, C = torch.randn(b, t, g, n, dtype=torch.float64), torch.randn(b, t, g, n, dtype=torch.float64)
+    D, h0 = torch.randn(h, dtype=torch.float64), torch.randn(b, h, p, n, dtype=torch.float64)
+    seq = _segments(b, t) if packed else None
+    y, final = ssd_scan_ref(x, dt, A, B, C, chunk, D=D, initial_state=h0, seq_idx=seq)
+    y_ref, final_ref = ssd_recurrent(x, dt, A, B, C, D, h0, seq)
+    torch.testing.assert_close(y.double(), y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(final.double(), final_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("t, chunk", [(29, 8), (7, 64)])
+def test_selective_scan_matches_recurrence(packed, t, chunk):
+    b, e, n = 2, 6, 4
+    u, delta = torch.randn(b, t, e), F.softplus(torch.randn(b, t, e))
+    A = -torch.rand(e, n) * 3
+    B, C, D = torch.randn(b, t, n), torch.randn(b, t, n), torch.randn(e)
+    h0 = torch.randn(b, e, n)
+    seq = _segments(b, t) if packed else None
+    y, final = selective_scan_ref(u, delta, A, B, C, D=D, initial_state=h0, seq_idx=seq, chunk_size=chunk)
+    y_ref, final_ref = selective_recurrent(u, delta, A, B, C, D, h0, seq)
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(final, final_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_masked_conv_equals_segments_run_alone():
+    e, k = 3, 4
+    w, bias = torch.randn(e, k), torch.randn(e)
+    x = torch.randn(1, e, 12)
+    seq = torch.tensor([[0] * 5 + [1] * 7])
+    out = causal_conv1d_ref(x, w, bias, seq_idx=seq)
+    torch.testing.assert_close(out[..., :5], causal_conv1d_ref(x[..., :5], w, bias))
+    torch.testing.assert_close(out[..., 5:], causal_conv1d_ref(x[..., 5:], w, bias))
+    # with earlier inputs (the conv cache) as prefix
+    prefix = torch.randn(1, e, k)
+    whole = causal_conv1d_ref(torch.cat([prefix, x], -1), w, bias)[..., k:]
+    torch.testing.assert_close(causal_conv1d_ref(x, w, bias, prefix=prefix), whole)
+
+
+def test_segment_ids():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [5, 6, 7, 8, 9, 10]])
+    assert segment_ids(pos, None).tolist() == [[0, 0, 0, 1, 1, 2], [0, 0, 0, 0, 0, 0]]
+    assert segment_ids(torch.arange(6)[None].expand(2, -1), None) is None
+    pad = torch.tensor([[False, False, True, True, True, True]])
+    assert segment_ids(torch.arange(6)[None], pad).tolist() == [[0, 0, 1, 1, 1, 1]]
