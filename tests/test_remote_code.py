@@ -1,0 +1,68 @@
+"""A saved folder loads with trust_remote_code in a fresh process that cannot import this repository."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from conftest import tiny_config
+
+from modeling import HybridMambaForCausalLM
+
+CHILD = r"""
+import importlib.abc, sys
+
+class BlockRepo(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("configuration", "modeling"):
+            raise ImportError(f"{name} is blocked: the model folder must be self-contained")
+
+sys.meta_path.insert(0, BlockRepo())
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+folder, inputs, outputs = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+assert type(AutoConfig.from_pretrained(folder, trust_remote_code=True)).__name__ == "HybridMambaConfig"
+leaked = sorted(k for k in sys.modules if k.split(".")[0] in ("configuration", "modeling"))
+assert not leaked, leaked
+ids = torch.load(inputs)
+with torch.no_grad():
+    logits = model(ids).logits
+    generated = model.generate(ids, max_new_tokens=5, do_sample=False)
+torch.save({"logits": logits, "generated": generated, "module": type(model).__module__}, outputs)
+"""
+
+
+def test_remote_code_loads_in_a_fresh_process(tmp_path):
+    model = HybridMambaForCausalLM(tiny_config("hybrid")).eval()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoConfig"] == "configuration_hybrid_mamba.HybridMambaConfig"
+    ids = torch.randint(3, 512, (2, 13))
+    torch.save(ids, tmp_path / "in.pt")
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf"))
+    run = subprocess.run(
+        [sys.executable, "-c", CHILD, str(folder), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt")
+    assert out["module"].startswith("transformers_modules.")
+    with torch.no_grad():
+        assert torch.equal(out["logits"], model(ids).logits)
+        assert torch.equal(out["generated"], model.generate(ids, max_new_tokens=5, do_sample=False))
+
+
+def test_saving_a_remote_code_model_again_keeps_the_code(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    HybridMambaForCausalLM(tiny_config("hybrid")).save_pretrained(tmp_path / "a")
+    # loaded through the remote-code path of this process: the classes come from the folder's files
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "a", trust_remote_code=True)
+    reloaded.save_pretrained(tmp_path / "b")
+    for name in ("configuration_hybrid_mamba.py", "modeling_hybrid_mamba.py"):
+        assert (tmp_path / "b" / name).read_text() == (tmp_path / "a" / name).read_text()
