@@ -133,7 +133,7 @@ def test_gradient_checkpointing_gives_same_gradients():
         return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
     plain = grads()
-    m.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ckpt = grads()
     assert plain.keys() == ckpt.keys() and len(plain) == len(list(m.parameters()))
     for name in plain:
