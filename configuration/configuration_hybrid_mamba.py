@@ -190,6 +190,8 @@ class HybridMambaConfig(PreTrainedConfig):
                     f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
                     f"({self.num_attention_heads})."
                 )
+            if self.position_embedding_type == "rope" and self.head_dim % 2:
+                raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}: change the head count or set head_dim.")
         if self.mamba_version_set() & {2}:
             d_inner = self.mamba_expand * self.hidden_size
             if d_inner % self.mamba_head_dim != 0:
@@ -228,6 +230,12 @@ class HybridMambaConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         self._check()
+
+    def validate_rope(self):
+        # Only attention layers use RoPE: a Mamba-only stack (e.g. converted mamba-2.8b, whose default
+        # head_dim would be odd) must not fail RoPE's checks.
+        if self.position_embedding_type == "rope" and "attention" in self.layer_types:
+            super().validate_rope()
 
 
 __all__ = ["HybridMambaConfig", "place_attention_layers", "LAYER_TYPES"]

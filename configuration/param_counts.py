@@ -1,8 +1,9 @@
 """Parameter counts of every preset, computed from the real module on the meta device.
 
-    python -m configuration.param_counts [--json FILE]
+    python -m configuration.param_counts [--json FILE] [--readme README.md]
 
-prints the markdown table the README shows (and writes the counts as JSON).
+prints the markdown table of parameter counts, writes the counts as JSON, and with --readme replaces
+the README's table (between the param-table markers) with it.
 """
 
 import argparse
@@ -36,10 +37,10 @@ def _fmt(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", type=Path, help="also write the counts to this JSON file")
-    args = parser.parse_args(argv)
+README_START, README_END = "<!-- param-table:start -->", "<!-- param-table:end -->"
+
+
+def markdown_table() -> tuple[str, dict]:
     rows = {}
     lines = [
         "| preset | params | non-embedding | hidden | layers | attention layers | heads (kv) | MLP | Mamba heads x dim, state |",
@@ -55,9 +56,31 @@ def main(argv=None):
             f"{cfg.num_hidden_layers} | {len(attn)} {attn} | {cfg.num_attention_heads} ({cfg.num_key_value_heads}) | "
             f"{cfg.intermediate_size} | {cfg.mamba_n_heads} x {cfg.mamba_head_dim}, {cfg.mamba_d_state} |"
         )
-    print("\n".join(lines))
+    return "\n".join(lines), rows
+
+
+def replace_readme_table(readme: Path, table: str) -> None:
+    text = readme.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme} has no {README_START} ... {README_END} block to replace.")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    tmp = readme.with_suffix(".tmp")
+    tmp.write_text(f"{head}{README_START}\n{table}\n{README_END}{tail}", encoding="utf-8")
+    tmp.replace(readme)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, help="also write the counts to this JSON file")
+    parser.add_argument("--readme", type=Path, help="replace the parameter table in this README")
+    args = parser.parse_args(argv)
+    table, rows = markdown_table()
+    print(table)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    if args.readme:
+        replace_readme_table(args.readme, table)
 
 
 if __name__ == "__main__":

@@ -52,8 +52,12 @@ def test_bad_configs_raise_one_clear_value_error(kwargs, match):
         HybridMambaConfig(**kwargs)
 
 
-def test_attention_free_config_ignores_head_checks():
+def test_attention_free_config_ignores_head_and_rope_checks():
     HybridMambaConfig(hidden_size=64, num_attention_heads=5, num_hidden_layers=2, layer_types=["mamba", "mamba"])
+    # default 12 heads give an odd head_dim (5): irrelevant without attention layers
+    HybridMambaConfig(hidden_size=64, num_hidden_layers=2, layer_types=["mamba2"] * 2, mamba_head_dim=16)
+    with pytest.raises(ValueError, match="even head_dim"):
+        HybridMambaConfig(hidden_size=60, num_attention_heads=4, num_hidden_layers=2, layer_types=["attention"] * 2)
 
 
 def test_presets():
