@@ -40,7 +40,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["configuration*", "modeling*", "trainers*", "data_scripts*", "eval_harness*", "hub_cards*"]),
-    include_package_data=True,
+    package_data={"configuration": ["presets.yaml"]},
     install_requires=install_requires,
     extras_require=extras_require,
 )

@@ -75,3 +75,13 @@ def test_parameter_counts_come_from_the_module():
     tiny = count_parameters(get_preset("tiny"))
     assert 1e7 <= tiny["total"] <= 3e7
     assert debug["total"] == debug["non_embedding"] + debug["embedding"]
+
+
+def test_readme_table_is_the_scripts_output():
+    from pathlib import Path
+
+    from configuration.param_counts import README_END, README_START, markdown_table
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split(README_START, 1)[1].split(README_END, 1)[0].strip()
+    assert block == markdown_table()[0], "run: python -m configuration.param_counts --readme README.md"
