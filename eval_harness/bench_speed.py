@@ -1,0 +1,458 @@
+"""CPU speed and memory of HybridMambaForCausalLM against BambaForCausalLM and LlamaForCausalLM.
+
+    python -m eval_harness.bench_speed [--out results/bench_speed] [--threads 2] [--quick]
+
+Three models of matched size, fp32, random init: ours (hidden 512, 8 layers of which layers 2 and 6
+are attention and the rest Mamba-2 with 16 heads of 64 and state 128, SwiGLU 1536, vocab 8192,
+untied), transformers' Bamba with the same layout and sizes, and transformers' Llama with the same
+sizes and attention in every layer. Bamba's and Llama's configs are derived from ours.
+
+Measured, with warmup iterations not counted:
+- training step: forward with labels, backward, AdamW step at batch 4 x 512; tokens/s, median;
+- prefill latency (no grad, batch 1, use_cache=False) at 512, 2048 and 8192 tokens; median;
+- decode latency per token (no grad, batch 1): a prompt of 128, 1024 or 4096 tokens is prefilled
+  with use_cache=True, then 32 single-token steps are timed one by one; p50/p95/p99;
+- peak memory of the training step: each model trains in a fresh subprocess, which reports
+  ru_maxrss minus its RSS after building the model, and ru_maxrss itself.
+Timing uses time.perf_counter on torch.set_num_threads(--threads). The models take turns inside every
+repetition (and every decode step), so machine noise hits all three alike. Prefill and decode ask
+for the last token's logits only (logits_to_keep=1), as generate() does.
+
+Writes bench_speed.json (every raw number, the machine, the plan) and bench_speed.md (one table per
+measurement with ratio columns ours/bamba and ours/llama) into --out, and prints the tables.
+A full run should take about 5 minutes on 2 cores (estimated from --quick timings; the 8192-token
+prefills take a third of it); --quick shrinks every size and repetition count for a smoke test of
+well under a minute.
+"""
+
+import gc
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from transformers import BambaConfig, BambaForCausalLM, HfArgumentParser, LlamaConfig, LlamaForCausalLM
+
+from configuration import HybridMambaConfig
+from modeling import HybridMambaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+MODEL_CLASSES = {"ours": HybridMambaForCausalLM, "bamba": BambaForCausalLM, "llama": LlamaForCausalLM}
+
+# The benchmarked size. Bamba's and Llama's configs are derived from the config built from this.
+BENCH_CONFIG = dict(
+    vocab_size=8192,
+    hidden_size=512,
+    intermediate_size=1536,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    attn_layer_indices=[2, 6],
+    mamba_version=2,
+    mamba_head_dim=64,
+    mamba_expand=2,  # d_inner 1024 = 16 heads of 64
+    mamba_d_state=128,
+    mamba_n_groups=1,
+    mamba_chunk_size=256,
+    tie_word_embeddings=False,
+    max_position_embeddings=16384,  # above the longest prefill; RoPE is computed on the fly either way
+)
+
+
+@dataclass
+class Plan:
+    """Sizes and repetition counts of every measurement. Warmup iterations precede the counted ones."""
+
+    train_batch: int = 4
+    train_seq: int = 512
+    train_reps: int = 5
+    memory_steps: int = 2  # training steps in each memory subprocess; the first allocates AdamW's state
+    prefill_lengths: tuple[int, ...] = (512, 2048, 8192)
+    prefill_reps: tuple[int, ...] = (7, 5, 3)  # one count per length: long prefills are slow on CPU
+    decode_prompts: tuple[int, ...] = (128, 1024, 4096)
+    decode_steps: int = 32
+    warmup: int = 1
+    decode_warmup: int = 3
+
+
+QUICK_PLAN = Plan(
+    train_batch=2,
+    train_seq=128,
+    train_reps=2,
+    prefill_lengths=(256, 512),
+    prefill_reps=(2, 2),
+    decode_prompts=(32, 64),
+    decode_steps=8,
+    decode_warmup=2,
+)
+
+
+@dataclass
+class BenchArgs:
+    out: str = field(default="results/bench_speed", metadata={"help": "Folder for bench_speed.json and bench_speed.md."})
+    threads: int = field(default=2, metadata={"help": "torch.set_num_threads here and in the memory subprocesses."})
+    quick: bool = field(default=False, metadata={"help": "Smoke-test sizes and repetitions (well under a minute)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the weights and of the random token ids."})
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+
+def matched_configs(ours: HybridMambaConfig) -> dict:
+    """Configs of ours, Bamba and Llama with the sizes of `ours` (Bamba: same layer layout too)."""
+    n = ours.num_hidden_layers
+    if any(ours.mixer_type(i) == "mamba1" for i in range(n)):
+        raise ValueError("Bamba has only Mamba-2 and attention layers: benchmark a config without Mamba-1 layers.")
+    common = dict(
+        vocab_size=ours.vocab_size,
+        hidden_size=ours.hidden_size,
+        intermediate_size=ours.intermediate_size,
+        num_hidden_layers=n,
+        num_attention_heads=ours.num_attention_heads,
+        num_key_value_heads=ours.num_key_value_heads,
+        rms_norm_eps=ours.rms_norm_eps,
+        max_position_embeddings=ours.max_position_embeddings,
+        tie_word_embeddings=ours.tie_word_embeddings,
+    )
+    bamba = BambaConfig(
+        **common,
+        attn_layer_indices=[i for i in range(n) if ours.layer_types[i] == "attention"],
+        mamba_n_heads=ours.mamba_n_heads,
+        mamba_d_head=ours.mamba_head_dim,
+        mamba_n_groups=ours.mamba_n_groups,
+        mamba_d_state=ours.mamba_d_state,
+        mamba_d_conv=ours.mamba_d_conv,
+        mamba_expand=ours.mamba_expand,
+        mamba_chunk_size=ours.mamba_chunk_size,
+        mamba_conv_bias=ours.mamba_conv_bias,
+        mamba_proj_bias=ours.mamba_proj_bias,
+        time_step_limit=ours.mamba_dt_limit,
+    )
+    return {"ours": ours, "bamba": bamba, "llama": LlamaConfig(**common)}
+
+
+def build_model(name: str, config, seed: int):
+    torch.manual_seed(seed)
+    return MODEL_CLASSES[name](config).eval()
+
+
+def random_ids(vocab_size: int, shape: tuple, seed: int) -> torch.Tensor:
+    return torch.randint(0, vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def train_step(model, optimizer, batch):
+    optimizer.zero_grad(set_to_none=True)
+    # use_cache=False: otherwise every model fills a cache it never reads
+    model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+    optimizer.step()
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurements
+# ----------------------------------------------------------------------------------------------
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _round_robin(models: dict, reps: int, warmup: int, call, label: str) -> dict[str, list[float]]:
+    """Seconds of `call(name, model)` per model; every repetition runs each model once, in turn."""
+    times = {name: [] for name in models}
+    for rep in range(warmup + reps):
+        step = {name: _timed(lambda: call(name, model)) for name, model in models.items()}
+        if rep >= warmup:
+            for name, dt in step.items():
+                times[name].append(dt)
+        tag = "warmup" if rep < warmup else f"rep {rep - warmup + 1}/{reps}"
+        logger.info("%s %s: %s", label, tag, ", ".join(f"{n} {dt * 1e3:.0f} ms" for n, dt in step.items()))
+    return times
+
+
+def measure_training(models: dict, plan: Plan, seed: int) -> dict:
+    batch = random_ids(next(iter(models.values())).config.vocab_size, (plan.train_batch, plan.train_seq), seed)
+    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-4) for name, model in models.items()}
+    for model in models.values():
+        model.train()
+    try:
+        times = _round_robin(
+            models, plan.train_reps, plan.warmup, lambda name, m: train_step(m, optimizers[name], batch), "train"
+        )
+    finally:
+        for model in models.values():
+            model.eval()
+            model.zero_grad(set_to_none=True)
+    tokens = plan.train_batch * plan.train_seq
+    results = {}
+    for name, ts in times.items():
+        rates = [tokens / t for t in ts]
+        results[name] = {"step_s": ts, "tokens_per_s": rates, "median_tokens_per_s": statistics.median(rates)}
+    return results
+
+
+@torch.no_grad()
+def measure_prefill(models: dict, plan: Plan, seed: int) -> dict:
+    vocab = next(iter(models.values())).config.vocab_size
+    results = {}
+    for length, reps in zip(plan.prefill_lengths, plan.prefill_reps, strict=True):
+        ids = random_ids(vocab, (1, length), seed + length)
+        times = _round_robin(
+            models, reps, plan.warmup, lambda name, m: m(input_ids=ids, use_cache=False, logits_to_keep=1), f"prefill {length}"
+        )
+        results[str(length)] = {name: {"times_s": ts, "median_s": statistics.median(ts)} for name, ts in times.items()}
+        gc.collect()
+    return results
+
+
+@torch.no_grad()
+def measure_decode(models: dict, plan: Plan, seed: int) -> dict:
+    vocab = next(iter(models.values())).config.vocab_size
+    n_steps = plan.decode_warmup + plan.decode_steps
+    results = {}
+    for prompt_len in plan.decode_prompts:
+        prompt = random_ids(vocab, (1, prompt_len), seed + prompt_len)
+        tokens = random_ids(vocab, (1, n_steps), seed + prompt_len + 1)
+        caches = {name: m(input_ids=prompt, use_cache=True, logits_to_keep=1).past_key_values for name, m in models.items()}
+        times = {name: [] for name in models}
+        for i in range(n_steps):
+            # position_ids given: Bamba does not derive them from the cache
+            step = dict(input_ids=tokens[:, i : i + 1], position_ids=torch.tensor([[prompt_len + i]]), use_cache=True)
+            for name, model in models.items():
+                t0 = time.perf_counter()
+                caches[name] = model(past_key_values=caches[name], **step).past_key_values
+                if i >= plan.decode_warmup:
+                    times[name].append(time.perf_counter() - t0)
+        del caches
+        gc.collect()
+        results[str(prompt_len)] = {}
+        for name, ts in times.items():
+            p50, p95, p99 = np.percentile(ts, [50, 95, 99]).tolist()
+            results[str(prompt_len)][name] = {"step_s": ts, "p50_s": p50, "p95_s": p95, "p99_s": p99}
+        logger.info(
+            "decode after %d: p50 %s", prompt_len, ", ".join(f"{n} {r['p50_s'] * 1e3:.1f} ms" for n, r in results[str(prompt_len)].items())
+        )
+    return results
+
+
+def _maxrss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
+
+
+def _rss_bytes() -> int:
+    """Current resident set size (Linux); elsewhere the peak so far, an upper bound."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return _maxrss_bytes()
+
+
+def _training_memory_worker(name: str, config, plan: Plan, threads: int, seed: int) -> dict:
+    """Runs in a fresh process: RSS around `plan.memory_steps` training steps of one model."""
+    # A process started by (v)fork + exec begins with ru_maxrss = its parent's peak (Linux keeps the
+    # old address space's high-water mark across exec), so the parent must be small when it spawns.
+    inherited = _maxrss_bytes()
+    torch.set_num_threads(threads)
+    model = build_model(name, config, seed).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = random_ids(config.vocab_size, (plan.train_batch, plan.train_seq), seed)
+    after_build = _rss_bytes()
+    for _ in range(plan.memory_steps):
+        train_step(model, optimizer, batch)
+    peak = _maxrss_bytes()
+    mib = 2**20
+    return {
+        "peak_over_build_mib": (peak - after_build) / mib,
+        "peak_rss_mib": peak / mib,
+        "rss_after_build_mib": after_build / mib,
+        "inherited_maxrss_mib": inherited / mib,
+        "steps": plan.memory_steps,
+    }
+
+
+def measure_training_memory(configs: dict, plan: Plan, threads: int, seed: int) -> dict:
+    """One fresh spawned process per model, so that each peak belongs to that model alone."""
+    ctx = multiprocessing.get_context("spawn")
+    results = {}
+    for name, config in configs.items():
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            r = pool.submit(_training_memory_worker, name, config, plan, threads, seed).result()
+        if r["peak_rss_mib"] <= r["inherited_maxrss_mib"]:
+            logger.warning(
+                "memory %s: the peak RSS is the %.0f MiB inherited from the parent process, not this model's; "
+                "measure memory before the parent grows.", name, r["inherited_maxrss_mib"]
+            )
+        logger.info("memory %s: peak %.0f MiB, %.0f MiB over the built model", name, r["peak_rss_mib"], r["peak_over_build_mib"])
+        results[name] = r
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+
+def machine_info(threads: int) -> dict:
+    cpu = platform.processor() or None
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=Path(__file__).parent, capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": threads,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": commit,
+    }
+
+
+def _table(title: str, note: str, key: str, rows: list[tuple[str, dict]], fmt: str, ratios: bool = True) -> list[str]:
+    names = list(MODEL_CLASSES)
+    head = [key, *names] + (["ours/bamba", "ours/llama"] if ratios else [])
+    lines = [f"## {title}", "", note, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, values in rows:
+        cells = [label] + [format(values[n], fmt) for n in names]
+        if ratios:
+            cells += [f"{values['ours'] / values[other]:.2f}" for other in ("bamba", "llama")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def to_markdown(results: dict) -> str:
+    m, p = results["machine"], results["plan"]
+    lines = [
+        "# CPU speed: HybridMamba vs Bamba vs Llama",
+        "",
+        f"`{results['command']}` on {m['cpu']} ({m['platform']}), {m['threads']} threads, "
+        f"torch {m['torch']}, transformers {m['transformers']}, {m['date']}, commit {m['git_commit']}.",
+        "fp32, random init, matched sizes; warmup iterations excluded.",
+        "",
+    ]
+    lines += _table("Parameters", "Counted once per tensor.", "", [("parameters", results["parameters"])], ",", ratios=False)
+    tr = results["training"]
+    lines += _table(
+        "Training step throughput (tokens/s, higher is better)",
+        f"Forward with labels, backward, AdamW step at batch {p['train_batch']} x {p['train_seq']}; median of "
+        f"{p['train_reps']}. Ratios are of tokens/s: above 1 means ours is faster.",
+        "batch",
+        [(f"{p['train_batch']} x {p['train_seq']}", {n: tr[n]["median_tokens_per_s"] for n in tr})],
+        ".0f",
+    )
+    lines += _table(
+        "Prefill latency (ms, lower is better)",
+        "Batch 1, no grad, use_cache=False, last-token logits; median over repetitions "
+        f"({', '.join(f'{n}: {r}' for n, r in zip(p['prefill_lengths'], p['prefill_reps']))}). "
+        "Ratios are of times: below 1 means ours is faster.",
+        "tokens",
+        [(length, {n: r["median_s"] * 1e3 for n, r in by_model.items()}) for length, by_model in results["prefill"].items()],
+        ".1f",
+    )
+    rows = []
+    for prompt_len, by_model in results["decode"].items():
+        for q in ("p50", "p95", "p99"):
+            rows.append((f"{prompt_len} {q}", {n: r[f"{q}_s"] * 1e3 for n, r in by_model.items()}))
+    lines += _table(
+        "Decode latency per token (ms, lower is better)",
+        f"Batch 1, no grad, with a cache after a prompt of the given length; {p['decode_steps']} timed steps "
+        "(so p99 is close to the slowest step). Ratios are of times: below 1 means ours is faster.",
+        "prompt, quantile",
+        rows,
+        ".2f",
+    )
+    mem = results["memory"]
+    lines += _table(
+        "Training step peak memory (MiB, lower is better)",
+        f"One fresh process per model, {p['memory_steps']} training steps at batch {p['train_batch']} x {p['train_seq']}. "
+        "'over model' is ru_maxrss minus the RSS after building the model (activations, gradients, AdamW state); "
+        "'absolute' is ru_maxrss. Ratios are of memory: below 1 means ours uses less.",
+        "peak RSS",
+        [("over model", {n: r["peak_over_build_mib"] for n, r in mem.items()}), ("absolute", {n: r["peak_rss_mib"] for n, r in mem.items()})],
+        ".0f",
+    )
+    return "\n".join(lines)
+
+
+def write_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_benchmark(ours_config: HybridMambaConfig, plan: Plan, out: Path, threads: int, seed: int = 0, command: str = "") -> dict:
+    """Every measurement, in one process (memory in subprocesses); writes and returns the results."""
+    configs = matched_configs(ours_config)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = {
+            "command": command or " ".join(["python -m eval_harness.bench_speed", *sys.argv[1:]]),
+            "machine": machine_info(threads),
+            "plan": asdict(plan),
+            # parse_constant: the time-step limits hold inf, which strict JSON lacks; keep it as a string
+            "configs": {name: json.loads(cfg.to_json_string(), parse_constant=str) for name, cfg in configs.items()},
+        }
+        json.dumps(results, allow_nan=False)  # fail now, not after the run, on anything not JSON
+        # Memory first, while this process is still small: children inherit its peak RSS.
+        results["memory"] = measure_training_memory(configs, plan, threads, seed)
+        models = {name: build_model(name, cfg, seed) for name, cfg in configs.items()}
+        results["parameters"] = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+        logger.info("parameters: %s", ", ".join(f"{n} {c / 1e6:.2f}M" for n, c in results["parameters"].items()))
+        results["training"] = measure_training(models, plan, seed)
+        results["prefill"] = measure_prefill(models, plan, seed)
+        results["decode"] = measure_decode(models, plan, seed)
+    finally:
+        torch.set_num_threads(previous_threads)
+    results["elapsed_s"] = time.perf_counter() - start
+    write_atomic(out / "bench_speed.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
+    write_atomic(out / "bench_speed.md", to_markdown(results) + "\n")
+    logger.info("wrote %s and %s in %.0f s", out / "bench_speed.json", out / "bench_speed.md", results["elapsed_s"])
+    return results
+
+
+def main(argv=None):
+    (args,) = HfArgumentParser(BenchArgs).parse_args_into_dataclasses(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}.")
+    plan = QUICK_PLAN if args.quick else Plan()
+    results = run_benchmark(HybridMambaConfig(**BENCH_CONFIG), plan, Path(args.out), args.threads, args.seed)
+    print(to_markdown(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""The speed benchmark runs end to end on tiny models and writes its JSON and markdown."""
+
+import json
+
+from conftest import tiny_config
+
+from eval_harness import bench_speed
+from eval_harness.bench_speed import MODEL_CLASSES, Plan, run_benchmark
+
+
+def test_bench_speed_writes_json_and_markdown(tmp_path, monkeypatch):
+    # A spawned process per model costs seconds of imports each: run the memory worker in-process.
+    monkeypatch.setattr(
+        bench_speed,
+        "measure_training_memory",
+        lambda configs, plan, threads, seed: {
+            name: bench_speed._training_memory_worker(name, cfg, plan, threads, seed) for name, cfg in configs.items()
+        },
+    )
+    plan = Plan(
+        train_batch=1, train_seq=16, train_reps=1, memory_steps=1, prefill_lengths=(16, 24), prefill_reps=(1, 1),
+        decode_prompts=(8,), decode_steps=3, decode_warmup=1,
+    )
+    out = tmp_path / "bench"
+    run_benchmark(tiny_config(["mamba2", "attention"]), plan, out, threads=1, command="test")
+
+    data = json.loads((out / "bench_speed.json").read_text())
+    models = set(MODEL_CLASSES)
+    assert {"command", "machine", "plan", "configs", "parameters", "training", "prefill", "decode", "memory"} <= set(data)
+    assert {"cpu", "platform", "torch", "transformers", "threads", "date"} <= set(data["machine"])
+    assert set(data["parameters"]) == models
+    assert data["parameters"]["ours"] == data["parameters"]["bamba"]  # matched layout and sizes
+    assert set(data["training"]) == models and len(data["training"]["ours"]["tokens_per_s"]) == 1
+    assert set(data["prefill"]) == {"16", "24"} and set(data["prefill"]["24"]) == models
+    assert "median_s" in data["prefill"]["16"]["bamba"]
+    assert {"p50_s", "p95_s", "p99_s"} <= set(data["decode"]["8"]["llama"])
+    assert len(data["decode"]["8"]["ours"]["step_s"]) == 3
+    assert set(data["memory"]) == models and {"peak_over_build_mib", "peak_rss_mib"} <= set(data["memory"]["ours"])
+
+    md = (out / "bench_speed.md").read_text()
+    for title in ("## Parameters", "## Training step throughput", "## Prefill latency", "## Decode latency", "## Training step peak memory"):
+        assert title in md
+    assert "| ours | bamba | llama | ours/bamba | ours/llama |" in md
+    assert not list(out.glob("*.tmp"))
