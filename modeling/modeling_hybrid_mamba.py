@@ -130,6 +130,7 @@ def ssd_scan_ref(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx
     g, n = B.shape[2], B.shape[3]
     hg = h // g
     x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
+    chunk_size = min(chunk_size, t)  # a short sequence is one chunk, not one padded to chunk_size
     pad = (-t) % chunk_size
     if pad:  # padded steps have dt = 0 and x = 0: they change neither outputs nor the final state
         x, dt, B, C = (F.pad(v, (0, 0) * (v.dim() - 2) + (0, pad)) for v in (x, dt, B, C))
