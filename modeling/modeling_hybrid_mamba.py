@@ -491,7 +491,8 @@ class HybridMamba2Mixer(_MambaMixerBase):
         x = x.reshape(b, self.num_heads, self.head_dim)
         B = B.reshape(b, self.n_groups, self.d_state)
         C = C.reshape(b, self.n_groups, self.d_state)
-        if _use_kernels(self, x) and selective_state_update is not None:
+        # mamba-ssm's step kernel has no dt clamp: use it only when the limit is the default (0, inf)
+        if _use_kernels(self, x) and selective_state_update is not None and self.dt_limit == (0.0, float("inf")):
             y = selective_state_update(
                 state, x, dt[:, 0, :, None].expand(-1, -1, self.head_dim),
                 A[:, None, None].expand(-1, self.head_dim, self.d_state), B, C,
