@@ -391,7 +391,16 @@ class HybridMambaMLP(nn.Module):
 
 
 class _MambaMixerBase(nn.Module):
-    """Shared parts of both Mamba versions: the causal conv with its cache, and parameter tags."""
+    """Shared parts of both Mamba versions: sizes, the causal conv with its cache, parameter tags."""
+
+    def __init__(self, config: HybridMambaConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.d_inner = config.mamba_expand * config.hidden_size
+        self.d_state = config.mamba_d_state
+        self.conv_kernel_size = config.mamba_d_conv
 
     def _tag_ssm_parameters(self):
         # Read by trainers: no weight decay on these (mamba-ssm's convention).
@@ -425,16 +434,10 @@ class HybridMamba2Mixer(_MambaMixerBase):
     """Mamba-2 (SSD) mixer, laid out as mamba-ssm's `Mamba2` (and transformers' `Mamba2Mixer`)."""
 
     def __init__(self, config: HybridMambaConfig, layer_idx: int):
-        super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
-        self.hidden_size = config.hidden_size
-        self.d_inner = config.mamba_expand * config.hidden_size
+        super().__init__(config, layer_idx)
         self.head_dim = config.mamba_head_dim
         self.num_heads = self.d_inner // self.head_dim
         self.n_groups = config.mamba_n_groups
-        self.d_state = config.mamba_d_state
-        self.conv_kernel_size = config.mamba_d_conv
         self.chunk_size = config.mamba_chunk_size
         self.dt_limit = tuple(config.mamba_dt_limit)
         self.conv_dim = self.d_inner + 2 * self.n_groups * self.d_state
@@ -515,14 +518,8 @@ class HybridMamba1Mixer(_MambaMixerBase):
     """Mamba-1 (selective scan) mixer, laid out as mamba-ssm's `Mamba` (and transformers' `MambaMixer`)."""
 
     def __init__(self, config: HybridMambaConfig, layer_idx: int):
-        super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
-        self.hidden_size = config.hidden_size
-        self.d_inner = config.mamba_expand * config.hidden_size
-        self.d_state = config.mamba_d_state
+        super().__init__(config, layer_idx)
         self.dt_rank = config.mamba_dt_rank
-        self.conv_kernel_size = config.mamba_d_conv
         self.in_proj = nn.Linear(self.hidden_size, 2 * self.d_inner, bias=config.mamba_proj_bias)
         self.conv1d = nn.Conv1d(
             self.d_inner, self.d_inner, config.mamba_d_conv, groups=self.d_inner,
