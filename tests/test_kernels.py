@@ -39,5 +39,5 @@ def test_kernel_gradients_match_reference():
     for m in (ref, fast):
         m.train()
         m(ids, labels=ids).loss.backward()
-    for (name, p), q in zip(ref.named_parameters(), fast.parameters()):
+    for (name, p), q in zip(ref.named_parameters(), fast.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-3, rtol=1e-2, msg=name)

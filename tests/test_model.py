@@ -173,7 +173,7 @@ def test_save_load_round_trip_is_exact(tmp_path):
     assert "dtype" in config and "torch_dtype" not in config
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(loaded) is HybridMambaForCausalLM
-    for (n1, p1), (n2, p2) in zip(m.state_dict().items(), loaded.state_dict().items()):
+    for (n1, p1), (n2, p2) in zip(m.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert n1 == n2 and torch.equal(p1, p2), n1
     x = ids()
     with torch.no_grad():
