@@ -1,0 +1,174 @@
+"""The pretraining loop on CPU: arguments, resume after SIGKILL, 2 processes vs 1, failure handling."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from accelerate.state import AcceleratorState
+
+from trainers.args import PretrainArgs, parse_args
+from trainers.checkpoint import CheckpointManager
+from trainers.data import collate_packed, load_packed
+from trainers.loop import make_accelerator, param_groups, train
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = dict(
+    model_preset="debug", model_overrides={"mamba_chunk_size": 16}, micro_batch_size=4, max_steps=8,
+    warmup_steps=2, learning_rate=3e-3, eval_every=4, checkpoint_every=4, log_every=1, sample_tokens=5,
+)
+
+
+def run_pretrain(tmp_path, data, name, processes=1, env=None, **overrides):
+    cfg = {**BASE, "data_dir": str(data), "output_dir": str(tmp_path / name), **overrides}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    config_file = REPO / "trainers" / "accelerate" / ("cpu.yaml" if processes == 1 else "cpu_ddp.yaml")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file), "--num_processes", str(processes)]
+    if processes > 1:
+        cmd += ["--main_process_port", str(29500 + os.getpid() % 1000)]
+    cmd += [str(REPO / "trainers" / "pretrain.py"), "--config", str(path)]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=600)
+
+
+def losses(run_dir):
+    rows = [json.loads(r) for r in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}, {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_args_yaml_cli_and_typos(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("learning_rate: 0.01\nmodel_overrides: {hidden_size: 32}\n")
+    args = parse_args(PretrainArgs, ["--config", str(cfg), "--max_steps", "7"])
+    assert (args.learning_rate, args.max_steps, args.model_overrides) == (0.01, 7, {"hidden_size": 32})
+    with pytest.raises(ValueError, match=r"'learning_rat' \(did you mean 'learning_rate'\?\).*Valid fields: .*max_steps"):
+        parse_args(PretrainArgs, ["--config", str(cfg), "--learning_rat", "1"])
+    cfg.write_text("max_step: 3\n")
+    with pytest.raises(ValueError, match=r"'max_step' .* in .*c.yaml"):
+        parse_args(PretrainArgs, ["--config", str(cfg)])
+    for name in ("debug", "tiny", "130m", "370m", "1.3b"):  # shipped configs parse
+        parse_args(PretrainArgs, ["--config", str(REPO / "trainers" / "configs" / f"{name}.yaml")])
+
+
+def test_bad_data_dir_fails_before_work(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data_scripts.prepare"):
+        load_packed(str(tmp_path / "nowhere"))
+
+
+def test_param_groups_exclude_norms_biases_embeddings_ssm():
+    from conftest import tiny_config
+
+    from modeling import HybridMambaForCausalLM
+
+    model = HybridMambaForCausalLM(tiny_config("hybrid", mamba_proj_bias=True))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert all(n.endswith(".weight") and "norm" not in n and "embed" not in n for n in decay_names)
+    for suffix in ("A_log", "D", "dt_bias", "embed_tokens.weight", "input_layernorm.weight", "in_proj.bias", "mamba.norm.weight"):
+        assert any(n.endswith(suffix) for n in no_decay_names), suffix
+    assert len(decay_names) + len(no_decay_names) == len(names)
+
+
+def test_resume_after_sigkill_reaches_the_same_loss(tmp_path, tiny_data):
+    full = run_pretrain(tmp_path, tiny_data, "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = run_pretrain(tmp_path, tiny_data, "killed", env={"HYBRID_MAMBA_KILL_AT_STEP": "6"})
+    assert killed.returncode != 0 and "SIGKILL" in killed.stderr  # accelerate reports its child's signal
+    ckpts = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
+    assert ckpts == ["step_00000004"]
+    resumed = run_pretrain(tmp_path, tiny_data, "killed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    train_full, val_full = losses(tmp_path / "full")
+    train_resumed, val_resumed = losses(tmp_path / "killed")
+    assert sorted(train_resumed) == list(range(1, 9))  # rows after the checkpoint were rewritten once
+    assert train_resumed[8] == pytest.approx(train_full[8], abs=1e-6)
+    assert val_resumed[8] == pytest.approx(val_full[8], abs=1e-6)
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["tokens_seen"] == 8 * 4 * 32
+    assert "unigram_baseline_val_loss" in summary and summary["sample"]
+    assert {"model.safetensors", "config.json", "modeling_hybrid_mamba.py", "tokenizer.json", "generation_config.json"} <= {
+        p.name for p in (tmp_path / "killed" / "final").iterdir()
+    }
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_data):
+    one = run_pretrain(tmp_path, tiny_data, "one", micro_batch_size=4, checkpoint_every=100)
+    two = run_pretrain(tmp_path, tiny_data, "two", processes=2, micro_batch_size=2, checkpoint_every=100)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    (train1, val1), (train2, val2) = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(train1) == sorted(train2) == list(range(1, 9))
+    for step in train1:
+        assert train2[step] == pytest.approx(train1[step], abs=2e-4), step
+    assert val2[8] == pytest.approx(val1[8], abs=2e-4)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["hardware"]["processes"] == 2
+
+
+def _in_process_args(tmp_path, data, **kw):
+    return PretrainArgs(**{**BASE, "data_dir": str(data), "output_dir": str(tmp_path / "run"), **kw})
+
+
+def _model(tok):
+    from configuration import get_preset
+    from modeling import HybridMambaForCausalLM
+
+    torch.manual_seed(0)
+    return HybridMambaForCausalLM(get_preset("debug", vocab_size=len(tok), mamba_chunk_size=16))
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, tiny_data):
+    args = _in_process_args(tmp_path, tiny_data, checkpoint_every=2)
+    train_ds, val_ds, tok = load_packed(args.data_dir)
+    model = _model(tok)
+    calls = {"n": 0}
+    real_forward = model.forward
+
+    def poisoned(*a, **k):
+        out = real_forward(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3 and out.loss is not None:
+            out.loss = out.loss * float("nan")
+        return out
+
+    model.forward = poisoned
+    with pytest.raises(FloatingPointError, match="step 3.*step_00000002"):
+        train(args, make_accelerator(args), model, train_ds, val_ds, collate_packed, tok)
+    ckpt = CheckpointManager(tmp_path / "run" / "checkpoints", 2)
+    assert [p.name for p in ckpt.complete()] == ["step_00000002"]
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*tmp"))
+
+
+def test_full_disk_during_checkpoint_keeps_the_previous_one(tmp_path, tiny_data, monkeypatch):
+    args = _in_process_args(tmp_path, tiny_data, checkpoint_every=2, max_steps=6)
+    train_ds, val_ds, tok = load_packed(args.data_dir)
+    accelerator = make_accelerator(args)
+    real_save = accelerator.save_state
+
+    def save_state(output_dir, **kw):
+        if output_dir.endswith("step_00000004.tmp"):
+            Path(output_dir).mkdir(parents=True)
+            (Path(output_dir) / "model.safetensors").write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+        return real_save(output_dir, **kw)
+
+    monkeypatch.setattr(accelerator, "save_state", save_state)
+    with pytest.raises(RuntimeError, match="No space left.*step_00000002 is intact"):
+        train(args, accelerator, _model(tok), train_ds, val_ds, collate_packed, tok)
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002"]
+    assert (root / "step_00000002" / "model.safetensors").stat().st_size > 1000

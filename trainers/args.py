@@ -1,0 +1,102 @@
+"""Typed training arguments, read once from a YAML file and overridden from the command line.
+
+    accelerate launch trainers/pretrain.py --config trainers/configs/tiny.yaml --learning_rate 3e-4
+
+Every field is documented in its dataclass (`--help` prints them). A field name that does not exist,
+in the YAML file or on the command line, is an error listing the valid names.
+"""
+
+import difflib
+import sys
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from transformers import HfArgumentParser
+
+T = TypeVar("T")
+
+
+@dataclass
+class TrainArgs:
+    """Fields shared by pretraining and fine-tuning (one loop serves both)."""
+
+    output_dir: str = field(default="runs/tiny", metadata={"help": "RUN/ folder: checkpoints/, final/, metrics.jsonl, summary.json."})
+    seed: int = field(default=0, metadata={"help": "Seeds model init, data order and dropout."})
+    micro_batch_size: int = field(default=8, metadata={"help": "Sequences per process per forward."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    max_steps: int = field(default=1000, metadata={"help": "Optimizer steps; ignored when max_tokens is set."})
+    max_tokens: int | None = field(default=None, metadata={"help": "Token budget; sets max_steps from the global batch."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (AdamW)."})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "Cosine decay ends at learning_rate * min_lr_ratio."})
+    warmup_steps: int = field(default=100, metadata={"help": "Linear warmup steps."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay; not applied to norms, biases, embeddings, SSM A_log/D/dt_bias."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
+    eval_every: int = field(default=200, metadata={"help": "Evaluate on the validation split every N steps (and at the end)."})
+    eval_batches: int | None = field(default=None, metadata={"help": "Validation batches per evaluation (all when unset)."})
+    checkpoint_every: int = field(default=200, metadata={"help": "Save an accelerate checkpoint every N steps."})
+    keep_checkpoints: int = field(default=2, metadata={"help": "Newest complete checkpoints kept."})
+    resume: bool = field(default=True, metadata={"help": "Resume from the newest complete checkpoint in output_dir."})
+    log_every: int = field(default=10, metadata={"help": "Log training metrics every N steps."})
+    log_with: list[str] = field(default_factory=list, metadata={"help": "accelerate trackers: tensorboard, wandb, mlflow, all."})
+    mixed_precision: str = field(default="auto", metadata={"help": "no, bf16, fp16, or auto (bf16 on CUDA, no on CPU)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward pass."})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    peak_tflops: float | None = field(default=None, metadata={"help": "Peak TFLOP/s per process for MFU; measured (matmul) on CPU, known GPUs looked up."})
+
+
+@dataclass
+class PretrainArgs(TrainArgs):
+    """Pretraining from packed token blocks written by data_scripts."""
+
+    data_dir: str = field(default="data/demo", metadata={"help": "DATA/ folder from data_scripts: train/, validation/, tokenizer/."})
+    model_preset: str = field(default="tiny", metadata={"help": "Preset from configuration/presets.yaml."})
+    model_overrides: dict = field(default_factory=dict, metadata={"help": "HybridMambaConfig fields overriding the preset (YAML mapping)."})
+    init_from: str | None = field(default=None, metadata={"help": "Start from this save_pretrained folder instead of random init."})
+    sample_prompt: str = field(default="To be, or not to be", metadata={"help": "Prompt of the sample generated at the end."})
+    sample_tokens: int = field(default=60, metadata={"help": "Tokens generated for the sample."})
+
+
+def _unknown(names, valid, where: str) -> ValueError:
+    hints = []
+    for name in names:
+        close = difflib.get_close_matches(name, valid, n=1)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ValueError(f"Unknown field(s) {', '.join(hints)} in {where}. Valid fields: {', '.join(sorted(valid))}.")
+
+
+def parse_args(cls: type[T], argv: list[str] | None = None) -> T:
+    """`--config FILE.yaml` gives the values, other `--field value` flags override them."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    valid = [f.name for f in fields(cls)]
+    config = {}
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ValueError("--config needs a YAML file path.")
+        path = Path(argv[i + 1])
+        if not path.is_file():
+            raise FileNotFoundError(f"Config file {path} does not exist.")
+        del argv[i : i + 2]
+        config = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(config, dict):
+            raise ValueError(f"{path} must hold a mapping of field: value.")
+        if bad := [k for k in config if k not in valid]:
+            raise _unknown(bad, valid, str(path))
+    flags = [a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--") and a != "--help"]
+    if bad := [f for f in flags if f not in valid]:
+        raise _unknown(bad, valid, "the command line")
+    parser = HfArgumentParser(cls)
+    parser.set_defaults(**config)
+    missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING and f.name not in config]
+    if missing:
+        raise ValueError(f"Missing required field(s): {missing}.")
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    for f in fields(cls):  # dict fields come from the YAML only
+        if f.name in config and isinstance(config[f.name], dict):
+            setattr(args, f.name, config[f.name])
+    return args

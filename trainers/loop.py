@@ -1,0 +1,323 @@
+"""The training loop, shared by pretraining and fine-tuning (they differ by data and objective).
+
+One process or many (`accelerate launch`): data is sharded across processes without overlap, the
+optimizer is AdamW with parameter groups, the schedule cosine with warmup; evaluation every N
+steps keeps the best model; checkpoints every N steps are complete or absent, and a run resumes
+from the newest one with the same data order, RNG and schedule, so a killed run reaches the same
+loss at step N as an uninterrupted one. Writes RUN/metrics.jsonl, RUN/summary.json, RUN/final/.
+"""
+
+import json
+import logging
+import math
+import os
+import platform
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from .args import TrainArgs
+from .checkpoint import CheckpointManager, atomic_save_pretrained
+from .data import EpochSampler
+
+logger = logging.getLogger(__name__)
+
+# Dense bf16 peak of common accelerators (TFLOP/s), for the MFU estimate.
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "4090": 165.0}
+
+
+@dataclass
+class TrainState:
+    """Loop counters saved with every checkpoint (registered with `accelerator.save_state`)."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches this process consumed in the current epoch
+    tokens_seen: int = 0
+    best_val_loss: float = math.inf
+    best_step: int = -1
+
+    def state_dict(self):
+        return asdict(self)
+
+    def load_state_dict(self, state):
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+def make_accelerator(args: TrainArgs) -> Accelerator:
+    mixed = args.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if torch.cuda.is_available() else "no"
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    log_with = args.log_with or None
+    if log_with == ["tensorboard"] or (log_with and "tensorboard" in log_with):
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            logger.warning("tensorboard is not installed: logging to metrics.jsonl only")
+            log_with = [t for t in log_with if t != "tensorboard"] or None
+    return Accelerator(
+        # Without CUDA, processes started by torchrun (accelerate launch with several processes) must
+        # be told they are CPU processes to form a gloo group (DDP over gloo, accelerate's MULTI_CPU).
+        cpu=not torch.cuda.is_available(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=mixed,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "logs")),
+    )
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """No decay on norms, biases, embeddings and the SSM parameters the model tags (A_log, D, dt_bias)."""
+    decay, no_decay = [], []
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or id(p) in embeddings or getattr(p, "_no_weight_decay", False)
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def peak_flops_per_process(args: TrainArgs, accelerator: Accelerator) -> tuple[float, str]:
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12, "given"
+    if accelerator.device.type == "cuda":
+        name = torch.cuda.get_device_name(accelerator.device)
+        for key, tflops in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12, f"{name} bf16 peak"
+        return math.nan, f"{name} (unknown peak)"
+    # CPU: the fp32 matmul ceiling measured here, with this process's threads
+    a = torch.randn(1024, 1024)
+    a @ a
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < 0.3:
+        a @ a
+        n += 1
+    return 2 * 1024**3 * n / (time.perf_counter() - start), f"measured fp32 matmul, {torch.get_num_threads()} threads"
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """6N + 12 * attention layers * hidden * seq_len (PaLM's estimate; the Mamba scans are left out)."""
+    cfg = model.config
+    n = sum(p.numel() for p in model.parameters()) - cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 0)
+    n_attn = sum(t == "attention" for t in cfg.layer_types)
+    return 6 * n + 12 * n_attn * cfg.num_attention_heads * cfg.head_dim * seq_len
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator, max_batches=None) -> float:
+    """Mean token loss over the validation loader (exact across processes: duplicates dropped)."""
+    model.eval()
+    sums, counts = [], []
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        logits = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), use_cache=False).logits
+        labels = batch["labels"][:, 1:]
+        token_loss = F.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
+        )  # (B, T-1)
+        s, c = accelerator.gather_for_metrics(((token_loss.sum(-1)), (labels != -100).sum(-1)))
+        sums.append(s.double())
+        counts.append(c.double())
+    model.train()
+    return (torch.cat(sums).sum() / torch.cat(counts).sum()).item()
+
+
+class MetricsLog:
+    """RUN/metrics.jsonl on the main process; a resumed run drops the rows after its checkpoint."""
+
+    def __init__(self, path: Path, accelerator: Accelerator):
+        self.path, self.accelerator = path, accelerator
+
+    def truncate_after(self, step: int) -> None:
+        if self.accelerator.is_main_process and self.path.exists():
+            rows = [r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(r + "\n" for r in rows))
+            os.replace(tmp, self.path)
+
+    def write(self, row: dict) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+
+def train(args: TrainArgs, accelerator: Accelerator, model, train_ds, val_ds, collate_fn, tokenizer=None) -> dict:
+    """Train `model` on `train_ds`; returns the summary (also written to RUN/summary.json)."""
+    out = Path(args.output_dir)
+    set_seed(args.seed)
+    global_batch = args.micro_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    seq_len = int(train_ds[0]["input_ids"].shape[-1])
+    max_steps = args.max_steps
+    if args.max_tokens:
+        max_steps = math.ceil(args.max_tokens / (global_batch * seq_len))
+    if len(train_ds) < args.micro_batch_size * accelerator.num_processes:
+        raise ValueError(f"train split has {len(train_ds)} blocks, fewer than one global micro-batch.")
+
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(
+        param_groups(model, args.weight_decay),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+    )
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, args.warmup_steps, max_steps, min_lr_rate=args.min_lr_ratio
+    )
+    sampler = EpochSampler(len(train_ds), args.seed)
+    train_loader = DataLoader(
+        train_ds, batch_size=args.micro_batch_size, sampler=sampler, collate_fn=collate_fn,
+        drop_last=True, num_workers=args.num_workers,
+    )
+    val_loader = DataLoader(val_ds, batch_size=args.micro_batch_size, collate_fn=collate_fn, num_workers=args.num_workers)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    state = TrainState()
+    accelerator.register_for_checkpointing(scheduler, state)
+    batches_per_epoch = len(train_loader)
+    if batches_per_epoch < args.gradient_accumulation_steps:
+        raise ValueError("an epoch has fewer micro-batches than gradient_accumulation_steps.")
+
+    ckpt = CheckpointManager(out / "checkpoints", args.keep_checkpoints)
+    metrics = MetricsLog(out / "metrics.jsonl", accelerator)
+    if args.resume and (latest := ckpt.latest()) is not None:
+        accelerator.load_state(str(latest))
+        logger.info("resumed from %s at step %d", latest, state.step)
+        metrics.truncate_after(state.step)
+    elif accelerator.is_main_process and metrics.path.exists():
+        metrics.path.unlink()
+    if accelerator.is_main_process:
+        accelerator.init_trackers("hybrid-mamba", config={k: str(v) if isinstance(v, (list, dict)) else v for k, v in vars(args).items()})
+
+    peak, peak_source = peak_flops_per_process(args, accelerator)
+    fpt = flops_per_token(accelerator.unwrap_model(model), seq_len)
+    kill_at = int(os.environ.get("HYBRID_MAMBA_KILL_AT_STEP", "0"))  # fault injection for the resume test
+
+    def batches():
+        while True:
+            sampler.set_epoch(state.epoch)
+            loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch) if state.batches_in_epoch else train_loader
+            for batch in loader:
+                state.batches_in_epoch += 1
+                yield batch
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+
+    stream = batches()
+    model.train()
+    start_wall = time.perf_counter()
+    bar = tqdm(total=max_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train", dynamic_ncols=True)
+    window = {"tokens": 0, "time": 0.0, "wait": 0.0, "steps": 0}
+    last_eval = None  # (step, val_loss)
+    while state.step < max_steps:
+        t0 = time.perf_counter()
+        wait = 0.0
+        losses = []
+        for _ in range(args.gradient_accumulation_steps):
+            tw = time.perf_counter()
+            batch = next(stream)
+            wait += time.perf_counter() - tw
+            with accelerator.accumulate(model):
+                loss = model(**batch, use_cache=False).loss
+                accelerator.backward(loss)
+                losses.append(loss.detach())
+        loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+        if not math.isfinite(loss):
+            optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(
+                f"Loss became {loss} at step {state.step + 1}; stopping without an update. The last good checkpoint is "
+                f"{ckpt.latest() or '(none)'}: lower the learning rate or check the data, then rerun to resume from it."
+            )
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm) if args.max_grad_norm else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        step_tokens = global_batch * seq_len
+        state.tokens_seen += step_tokens
+        dt = time.perf_counter() - t0
+        window["tokens"] += step_tokens
+        window["time"] += dt
+        window["wait"] += wait
+        window["steps"] += 1
+        bar.update(1)
+
+        if state.step % args.log_every == 0 or state.step == max_steps:
+            tps = window["tokens"] / window["time"]
+            row = {
+                "step": state.step,
+                "loss": loss,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens": state.tokens_seen,
+                "tokens_per_s": tps,
+                "data_wait_frac": window["wait"] / window["time"],
+                "mfu": fpt * tps / (peak * accelerator.num_processes),
+            }
+            metrics.write(row)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{tps:.0f}")
+            window = {"tokens": 0, "time": 0.0, "wait": 0.0, "steps": 0}
+
+        if state.step % args.eval_every == 0 or state.step == max_steps:
+            val = evaluate(model, val_loader, accelerator, args.eval_batches)
+            last_eval = (state.step, val)
+            metrics.write({"step": state.step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
+            if val < state.best_val_loss:
+                state.best_val_loss, state.best_step = val, state.step
+                _save_model(accelerator, model, tokenizer, out / "best")
+        if state.step % args.checkpoint_every == 0 and state.step < max_steps:
+            ckpt.save(accelerator, state.step)
+        if kill_at and state.step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    bar.close()
+
+    final_val = last_eval[1] if last_eval and last_eval[0] == state.step else evaluate(model, val_loader, accelerator, args.eval_batches)
+    _save_model(accelerator, model, tokenizer, out / "final")
+    summary = {
+        "steps": state.step,
+        "tokens_seen": state.tokens_seen,
+        "global_batch_sequences": global_batch,
+        "seq_len": seq_len,
+        "wall_time_s": time.perf_counter() - start_wall,
+        "final_val_loss": final_val,
+        "best_val_loss": state.best_val_loss,
+        "best_step": state.best_step,
+        "hardware": {
+            "device": torch.cuda.get_device_name() if accelerator.device.type == "cuda" else platform.processor() or platform.machine(),
+            "processes": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type),
+            "mixed_precision": accelerator.mixed_precision,
+            "threads_per_process": torch.get_num_threads(),
+            "peak_flops_per_process": peak,
+            "peak_flops_source": peak_source,
+        },
+    }
+    if accelerator.is_main_process:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    accelerator.end_training()
+    return summary
+
+
+def _save_model(accelerator, model, tokenizer, folder: Path) -> None:
+    """save_pretrained (safetensors, remote code, generation config) of the unwrapped model, atomically."""
+    state_dict = accelerator.get_state_dict(model)  # gathers sharded (FSDP) weights; collective
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        if tokenizer is not None:
+            gen = unwrapped.generation_config
+            gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+        atomic_save_pretrained(unwrapped, tokenizer, folder, state_dict=state_dict)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,78 @@
+"""Pretraining entry point.
+
+    accelerate launch trainers/pretrain.py --config trainers/configs/tiny.yaml [--field value ...]
+    accelerate launch --config_file trainers/accelerate/fsdp.yaml trainers/pretrain.py --config trainers/configs/1.3b.yaml
+
+Reads DATA/ from data_scripts, builds the model from a preset (or `init_from`), runs the shared loop
+(trainers/loop.py) and writes RUN/: checkpoints/, best/, final/ (save_pretrained with remote code
+and tokenizer), metrics.jsonl and summary.json. Prints the validation loss against the unigram
+baseline and a sample generation at the end.
+"""
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script by `accelerate launch`: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import modeling  # noqa: E402,F401  (registers hybrid_mamba with the Auto classes)
+from configuration import get_preset  # noqa: E402
+from modeling import HybridMambaForCausalLM  # noqa: E402
+from trainers.args import PretrainArgs, parse_args  # noqa: E402
+from trainers.data import collate_packed, load_packed, unigram_baseline  # noqa: E402
+from trainers.loop import make_accelerator, train  # noqa: E402
+
+logger = logging.getLogger("trainers.pretrain")
+
+
+def build_model(args: PretrainArgs, tokenizer, seq_len: int) -> HybridMambaForCausalLM:
+    if args.init_from:
+        return HybridMambaForCausalLM.from_pretrained(args.init_from)
+    overrides = dict(args.model_overrides)
+    overrides.setdefault("vocab_size", len(tokenizer))
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        overrides.setdefault(name, getattr(tokenizer, name))
+    config = get_preset(args.model_preset, **overrides)
+    if config.vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size {config.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens.")
+    if seq_len > config.max_position_embeddings:
+        raise ValueError(f"data seq_len {seq_len} exceeds max_position_embeddings {config.max_position_embeddings}.")
+    return HybridMambaForCausalLM(config)
+
+
+def main(argv=None) -> dict:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
+    args = parse_args(PretrainArgs, argv)
+    train_ds, val_ds, tokenizer = load_packed(args.data_dir)  # fails before any work on a bad DATA/
+    accelerator = make_accelerator(args)
+    seq_len = int(train_ds[0]["input_ids"].shape[-1])
+    torch.manual_seed(args.seed)
+    model = build_model(args, tokenizer, seq_len)
+    if accelerator.is_main_process:
+        n = sum(p.numel() for p in model.parameters())
+        logger.info("model: %s preset, %.2fM parameters, layers %s", args.model_preset, n / 1e6, model.config.layer_types)
+    summary = train(args, accelerator, model, train_ds, val_ds, collate_packed, tokenizer)
+
+    if accelerator.is_main_process:
+        out = Path(args.output_dir)
+        summary["unigram_baseline_val_loss"] = unigram_baseline(train_ds, val_ds, len(tokenizer))
+        final = HybridMambaForCausalLM.from_pretrained(out / "final").eval()
+        prompt = tokenizer(args.sample_prompt, return_tensors="pt")
+        torch.manual_seed(args.seed)
+        generated = final.generate(**prompt, max_new_tokens=args.sample_tokens, do_sample=True, top_k=40, temperature=0.8)
+        summary["sample"] = tokenizer.decode(generated[0], skip_special_tokens=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"validation loss {summary['final_val_loss']:.3f} (best {summary['best_val_loss']:.3f} at step "
+              f"{summary['best_step']}); unigram baseline {summary['unigram_baseline_val_loss']:.3f} nats/token")
+        print(f"{summary['tokens_seen']:,} tokens in {summary['wall_time_s']:.0f} s; model in {out / 'final'}")
+        print(f"sample: {summary['sample']!r}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
