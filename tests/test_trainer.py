@@ -23,14 +23,14 @@ BASE = dict(
 )
 
 
-def run_pretrain(tmp_path, data, name, processes=1, env=None, **overrides):
+def run_pretrain(tmp_path, data, name, launch="cpu", env=None, **overrides):
+    """`accelerate launch --config_file trainers/accelerate/<launch>.yaml trainers/pretrain.py` in a subprocess."""
     cfg = {**BASE, "data_dir": str(data), "output_dir": str(tmp_path / name), **overrides}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    config_file = REPO / "trainers" / "accelerate" / ("cpu.yaml" if processes == 1 else "cpu_ddp.yaml")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file), "--num_processes", str(processes)]
-    if processes > 1:
-        cmd += ["--main_process_port", str(29500 + os.getpid() % 1000)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "trainers" / "accelerate" / f"{launch}.yaml")]
+    if launch != "cpu":
+        cmd += ["--main_process_port", str(29500 + (os.getpid() + len(name)) % 1000)]
     cmd += [str(REPO / "trainers" / "pretrain.py"), "--config", str(path)]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=600)
@@ -39,6 +39,24 @@ def run_pretrain(tmp_path, data, name, processes=1, env=None, **overrides):
 def losses(run_dir):
     rows = [json.loads(r) for r in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}, {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_data):
+    """One process, micro-batch 4: the run every other layout must reproduce."""
+    root = tmp_path_factory.mktemp("reference")
+    run = run_pretrain(root, tiny_data, "one")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return root / "one"
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory, tiny_data):
+    """Two CPU processes through accelerate's FSDP2 path (trainers/accelerate/fsdp_cpu.yaml), micro-batch 2."""
+    root = tmp_path_factory.mktemp("fsdp")
+    run = run_pretrain(root, tiny_data, "fsdp", launch="fsdp_cpu", micro_batch_size=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return root / "fsdp"
 
 
 @pytest.fixture(autouse=True)
@@ -83,16 +101,14 @@ def test_param_groups_exclude_norms_biases_embeddings_ssm():
     assert len(decay_names) + len(no_decay_names) == len(names)
 
 
-def test_resume_after_sigkill_reaches_the_same_loss(tmp_path, tiny_data):
-    full = run_pretrain(tmp_path, tiny_data, "full")
-    assert full.returncode == 0, full.stderr[-3000:]
+def test_resume_after_sigkill_reaches_the_same_loss(tmp_path, tiny_data, reference_run):
     killed = run_pretrain(tmp_path, tiny_data, "killed", env={"HYBRID_MAMBA_KILL_AT_STEP": "6"})
     assert killed.returncode != 0 and "SIGKILL" in killed.stderr  # accelerate reports its child's signal
     ckpts = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
     assert ckpts == ["step_00000004"]
     resumed = run_pretrain(tmp_path, tiny_data, "killed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    train_full, val_full = losses(tmp_path / "full")
+    train_full, val_full = losses(reference_run)
     train_resumed, val_resumed = losses(tmp_path / "killed")
     assert sorted(train_resumed) == list(range(1, 9))  # rows after the checkpoint were rewritten once
     assert train_resumed[8] == pytest.approx(train_full[8], abs=1e-6)
@@ -105,18 +121,38 @@ def test_resume_after_sigkill_reaches_the_same_loss(tmp_path, tiny_data):
     }
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_data):
-    one = run_pretrain(tmp_path, tiny_data, "one", micro_batch_size=4, checkpoint_every=100)
-    two = run_pretrain(tmp_path, tiny_data, "two", processes=2, micro_batch_size=2, checkpoint_every=100)
-    assert one.returncode == 0, one.stderr[-3000:]
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_data, reference_run):
+    two = run_pretrain(tmp_path, tiny_data, "two", launch="cpu_ddp", micro_batch_size=2)
     assert two.returncode == 0, two.stderr[-3000:]
-    (train1, val1), (train2, val2) = losses(tmp_path / "one"), losses(tmp_path / "two")
+    (train1, val1), (train2, val2) = losses(reference_run), losses(tmp_path / "two")
     assert sorted(train1) == sorted(train2) == list(range(1, 9))
     for step in train1:
         assert train2[step] == pytest.approx(train1[step], abs=2e-4), step
     assert val2[8] == pytest.approx(val1[8], abs=2e-4)
-    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert summary["hardware"]["processes"] == 2
+    hardware = json.loads((tmp_path / "two" / "summary.json").read_text())["hardware"]
+    assert hardware["processes"] == 2 and hardware["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert hardware["parameters_per_process"] == hardware["parameters_total"]  # DDP replicates
+
+
+def test_fsdp_shards_parameters_and_matches_one_process(fsdp_run, reference_run):
+    hardware = json.loads((fsdp_run / "summary.json").read_text())["hardware"]
+    assert hardware["distributed_type"] == "DistributedType.FSDP" and hardware["processes"] == 2
+    assert hardware["parameters_per_process"] <= 0.55 * hardware["parameters_total"]  # each rank holds about half
+    (train1, val1), (train2, val2) = losses(reference_run), losses(fsdp_run)
+    for step in train1:
+        assert train2[step] == pytest.approx(train1[step], abs=2e-4), step
+    assert val2[8] == pytest.approx(val1[8], abs=2e-4)
+    shards = sorted(p.name for p in (fsdp_run / "checkpoints" / "step_00000004" / "pytorch_model_fsdp_0").iterdir())
+    assert sum(name.endswith(".distcp") for name in shards) == 2  # one shard file per rank
+    assert (fsdp_run / "final" / "model.safetensors").exists()  # the gathered full model
+
+
+def test_fsdp_resume_from_sharded_checkpoint(tmp_path, tiny_data, fsdp_run):
+    killed = run_pretrain(tmp_path, tiny_data, "fsdp", launch="fsdp_cpu", micro_batch_size=2, env={"HYBRID_MAMBA_KILL_AT_STEP": "6"})
+    assert killed.returncode != 0
+    resumed = run_pretrain(tmp_path, tiny_data, "fsdp", launch="fsdp_cpu", micro_batch_size=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(tmp_path / "fsdp")[0][8] == pytest.approx(losses(fsdp_run)[0][8], abs=1e-6)
 
 
 def _in_process_args(tmp_path, data, **kw):

@@ -58,6 +58,7 @@ def make_accelerator(args: TrainArgs) -> Accelerator:
     mixed = args.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() else "no"
+    fsdp_on_cpu = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available()
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     log_with = args.log_with or None
     if log_with == ["tensorboard"] or (log_with and "tensorboard" in log_with):
@@ -66,7 +67,7 @@ def make_accelerator(args: TrainArgs) -> Accelerator:
         except ImportError:
             logger.warning("tensorboard is not installed: logging to metrics.jsonl only")
             log_with = [t for t in log_with if t != "tensorboard"] or None
-    return Accelerator(
+    accelerator = Accelerator(
         # Without CUDA, processes started by torchrun (accelerate launch with several processes) must
         # be told they are CPU processes to form a gloo group (DDP over gloo, accelerate's MULTI_CPU).
         cpu=not torch.cuda.is_available(),
@@ -75,6 +76,29 @@ def make_accelerator(args: TrainArgs) -> Accelerator:
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "logs")),
     )
+    if fsdp_on_cpu:
+        _enable_fsdp_on_cpu(accelerator)
+    return accelerator
+
+
+def _enable_fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """Run accelerate's FSDP path (FSDP2 over gloo) on CPU processes.
+
+    accelerate maps CPU processes to DDP and drops an FSDP config, but FSDP2's `fully_shard` runs on
+    CPU. Switching the state to FSDP lets `prepare`, `save_state`/`load_state` and `get_state_dict`
+    take exactly the code path they take on GPUs (wrap policy from `_no_split_modules`, sharded
+    checkpoints through torch.distributed.checkpoint), so the FSDP path is tested without a GPU.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* settings `accelerate launch` exported
+    if plugin.fsdp_version != 2:
+        raise ValueError("FSDP on CPU processes needs fsdp_version: 2 in the accelerate config.")
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    logger.warning("FSDP2 on CPU processes (gloo): for testing the FSDP path; use GPUs for real runs")
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
@@ -203,6 +227,8 @@ def train(args: TrainArgs, accelerator: Accelerator, model, train_ds, val_ds, co
     if accelerator.is_main_process:
         accelerator.init_trackers("hybrid-mamba", config={k: str(v) if isinstance(v, (list, dict)) else v for k, v in vars(args).items()})
 
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())  # a DTensor's numel is the global one
     peak, peak_source = peak_flops_per_process(args, accelerator)
     fpt = flops_per_token(accelerator.unwrap_model(model), seq_len)
     kill_at = int(os.environ.get("HYBRID_MAMBA_KILL_AT_STEP", "0"))  # fault injection for the resume test
@@ -303,6 +329,8 @@ def train(args: TrainArgs, accelerator: Accelerator, model, train_ds, val_ds, co
             "threads_per_process": torch.get_num_threads(),
             "peak_flops_per_process": peak,
             "peak_flops_source": peak_source,
+            "parameters_per_process": local,
+            "parameters_total": total,
         },
     }
     if accelerator.is_main_process:
