@@ -1,0 +1,91 @@
+"""Stage 6, deduplication: exact (hash of normalised text) and near-duplicate (MinHash LSH, datasketch).
+
+Signatures are computed per batch (in parallel with ``num_proc``); the decisions are then taken in one
+pass in reading order by ``Deduplicator``, which keeps the first document of each cluster: a document
+is dropped when its exact hash was seen, or when the LSH index returns a kept document whose estimated
+Jaccard similarity of word n-gram sets reaches the threshold. Only kept documents enter the index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import numpy as np
+from datasketch import LeanMinHash, MinHash, MinHashLSH
+
+from .recipe import DedupConfig
+
+_WORDS = re.compile(r"\w+")
+_SPACE = re.compile(r"\s+")
+
+
+def exact_key(text: str) -> str:
+    """Hash of the text lower-cased with whitespace collapsed."""
+    norm = _SPACE.sub(" ", text.lower()).strip()
+    return hashlib.blake2b(norm.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def shingles(text: str, n: int) -> set[bytes]:
+    words = _WORDS.findall(text.lower())
+    if len(words) <= n:
+        return {" ".join(words).encode("utf-8")}
+    return {" ".join(words[i : i + n]).encode("utf-8") for i in range(len(words) - n + 1)}
+
+
+def signature(text: str, cfg: DedupConfig, seed: int) -> np.ndarray:
+    m = MinHash(num_perm=cfg.num_perm, seed=seed)  # datasketch's default: sha1, 32 bits, affine32 scheme
+    m.update_batch(shingles(text, cfg.ngram))
+    return m.hashvalues
+
+
+def signature_batch(batch: dict, cfg: DedupConfig, seed: int) -> dict:
+    keys, sigs = [], []
+    for text, reason in zip(batch["text"], batch["reason"], strict=True):
+        if reason:
+            keys.append("")
+            sigs.append([])
+            continue
+        keys.append(exact_key(text) if cfg.exact else "")
+        sigs.append(signature(text, cfg, seed).tolist() if cfg.near else [])
+    return {"exact_hash": keys, "minhash": sigs}
+
+
+class Deduplicator:
+    """Stateful decisions in reading order; shared by every source so duplicates across sources go too."""
+
+    def __init__(self, cfg: DedupConfig, seed: int):
+        self.cfg = cfg
+        self.seed = seed
+        self.seen: set[str] = set()
+        self.lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm) if cfg.near else None
+        self.kept: dict[int, np.ndarray] = {}  # key -> hash values of a kept document
+        self._next_key = 0
+
+    def check(self, exact_hash: str, sig) -> str:
+        """ "" to keep (the document is registered), else the removal reason."""
+        if self.cfg.exact and exact_hash in self.seen:
+            return "dedup:exact"
+        m = None
+        if self.lsh is not None:
+            hv = np.asarray(sig, dtype=np.uint32)
+            m = LeanMinHash(seed=self.seed, hashvalues=hv, scheme="affine32")
+            for key in self.lsh.query(m):
+                # LSH returns candidates; keep only those whose estimated Jaccard reaches the threshold.
+                if float(np.mean(self.kept[key] == hv)) >= self.cfg.threshold:
+                    return "dedup:near"
+        if self.cfg.exact:
+            self.seen.add(exact_hash)
+        if m is not None:
+            key = self._next_key
+            self._next_key += 1
+            self.lsh.insert(key, m)
+            self.kept[key] = hv
+        return ""
+
+    def decide_batch(self, batch: dict) -> dict:
+        """For streaming: decisions made as the batch goes by (main process, in order)."""
+        reasons = []
+        for reason, h, sig in zip(batch["reason"], batch["exact_hash"], batch["minhash"], strict=True):
+            reasons.append(reason or self.check(h, sig))
+        return {"reason": reasons}
