@@ -13,6 +13,7 @@ import re
 
 import numpy as np
 from datasketch import LeanMinHash, MinHash, MinHashLSH
+from datasketch.hashfunc import sha1_hash32
 
 from .recipe import DedupConfig
 
@@ -26,16 +27,48 @@ def exact_key(text: str) -> str:
     return hashlib.blake2b(norm.encode("utf-8"), digest_size=16).hexdigest()
 
 
-def shingles(text: str, n: int) -> set[bytes]:
+def shingles(text: str, n: int) -> set[str]:
+    """Word n-grams of the lower-cased text (the whole text when it has n words or fewer)."""
     words = _WORDS.findall(text.lower())
     if len(words) <= n:
-        return {" ".join(words).encode("utf-8")}
-    return {" ".join(words[i : i + n]).encode("utf-8") for i in range(len(words) - n + 1)}
+        return {" ".join(words)}
+    return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+_P = np.uint64(0x100000001B3)
+_CHUNK = 8192
+
+
+def shingle_hashes(text: str, n: int) -> np.ndarray:
+    """32-bit hashes of the distinct word n-grams, computed from per-word sha1 hashes with numpy.
+
+    Equivalent to hashing each n-gram string (one n-gram, one hash, the same in every document)
+    but hashes each distinct word once instead of every n-gram: about 10x faster on long texts.
+    """
+    words = _WORDS.findall(text.lower())
+    cache: dict[str, int] = {}
+    wh = np.fromiter(
+        (cache[w] if w in cache else cache.setdefault(w, sha1_hash32(w.encode("utf-8"))) for w in words),
+        dtype=np.uint64,
+        count=len(words),
+    )
+    k = min(n, len(words))
+    if k == 0:
+        return np.zeros(1, dtype=np.uint64)
+    h = np.zeros(len(words) - k + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(k):
+            h = h * _P + wh[j : j + len(h)]  # (n_shingles,) polynomial hash of the n word hashes
+    h = np.unique(h)
+    return (h >> np.uint64(32)) ^ (h & np.uint64(0xFFFFFFFF))
 
 
 def signature(text: str, cfg: DedupConfig, seed: int) -> np.ndarray:
-    m = MinHash(num_perm=cfg.num_perm, seed=seed)  # datasketch's default: sha1, 32 bits, affine32 scheme
-    m.update_batch(shingles(text, cfg.ngram))
+    # The hash values are already 32-bit hashes; MinHash's affine32 scheme mixes and permutes them.
+    m = MinHash(num_perm=cfg.num_perm, seed=seed, hashfunc=int)
+    hashes = shingle_hashes(text, cfg.ngram).tolist()
+    for i in range(0, len(hashes), _CHUNK):  # bounds the (chunk, num_perm) array update_batch builds
+        m.update_batch(hashes[i : i + _CHUNK])
     return m.hashvalues
 
 

@@ -107,7 +107,8 @@ def _map(
     batch_size: int = BATCH,
     with_indices: bool = False,
 ) -> Dataset:
-    num_proc = b.num_proc if parallel and b.num_proc > 1 and len(ds) >= 4 * batch_size else None
+    # Workers pay off even for a few hundred documents when they are books; below ~8 per worker, not.
+    num_proc = b.num_proc if parallel and b.num_proc > 1 and len(ds) >= 8 * b.num_proc else None
     start = time.perf_counter()
     out = ds.map(
         fn,
@@ -133,8 +134,8 @@ def _drop_cache_files(old: Dataset, new: Dataset) -> None:
             os.remove(f["filename"])
 
 
-def curate_in_memory(b: Build) -> tuple[Dataset, str, int]:
-    """All stages up to tokenization; returns (dataset, tokenizer.json path, eos id)."""
+def curate_in_memory(b: Build) -> tuple[Dataset, np.ndarray, str, int]:
+    """All stages up to tokenization; returns (dataset, its row order, tokenizer.json path, eos id)."""
     r = b.recipe
     parts = [
         load_source(s, i, b.files[i], cache_dir=str(b.work / "load" / s.name), fingerprint=b.stage_fp(f"load-{i}"))
@@ -142,6 +143,11 @@ def curate_in_memory(b: Build) -> tuple[Dataset, str, int]:
     ]
     ds = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     logger.info("loaded %d documents from %d sources", len(ds), len(parts))
+    # Sources come in contiguous runs and workers get contiguous shards: a seeded shuffle spreads each
+    # source's documents (whole books here, short files there) evenly over the workers. Row i of the
+    # shuffled table is row perm[i] of the reading order, in which dedup decides and the report reads.
+    perm = np.random.default_rng([r.seed, len(ds)]).permutation(len(ds))
+    ds = ds.select(perm)
     fk = {"filters": b.filters}
     ds = _map(b, ds, normalize_batch, "normalize")
     ds = _map(b, ds, length_batch, "length", fk, parallel=False, batch_size=1000)
@@ -156,10 +162,11 @@ def curate_in_memory(b: Build) -> tuple[Dataset, str, int]:
     if r.dedup.exact or r.dedup.near:
         ds = _map(b, ds, signature_batch, "signature", {"cfg": r.dedup, "seed": r.seed})
         dd = Deduplicator(r.dedup, r.seed)
-        reasons: list[str] = []
-        sig = ds.select_columns(["reason", "exact_hash", "minhash"])
+        in_order: list[str] = []
+        sig = ds.select_columns(["reason", "exact_hash", "minhash"]).select(np.argsort(perm))
         for batch in tqdm(sig.iter(batch_size=1000), total=-(-len(ds) // 1000), desc="dedup"):
-            reasons += dd.decide_batch(batch)["reason"]
+            in_order += dd.decide_batch(batch)["reason"]
+        reasons = np.array(in_order, dtype=object)[perm].tolist()
         ds = _map(
             b,
             ds.remove_columns(["minhash"]),
@@ -181,7 +188,7 @@ def curate_in_memory(b: Build) -> tuple[Dataset, str, int]:
         parallel=False,
         batch_size=256,
     )
-    return ds, tokenizer_file, eos_id
+    return ds, perm, tokenizer_file, eos_id
 
 
 def _columns(ds: Dataset, names: list[str]) -> dict[str, np.ndarray]:
@@ -230,12 +237,14 @@ class _Docs:
 
 def build_in_memory(b: Build) -> dict:
     r = b.recipe
-    ds, tokenizer_file, eos_id = curate_in_memory(b)
+    ds, perm, tokenizer_file, eos_id = curate_in_memory(b)
     report = CurationReport(b.names)
-    for batch in ds.select_columns(REPORT_COLUMNS).iter(batch_size=10_000):
+    in_order = np.argsort(perm)
+    for batch in ds.select_columns(REPORT_COLUMNS).select(in_order).iter(batch_size=10_000):
         report.update(batch)
-    rows = report.missing_example_rows()
-    report.fill_example_texts(dict(zip(rows, ds.select(rows)["text"], strict=True)) if rows else {})
+    rows = report.missing_example_rows()  # positions in reading order
+    texts = ds.select(in_order[rows])["text"] if rows else []
+    report.fill_example_texts(dict(zip(rows, texts, strict=True)))
 
     cols = _columns(ds, ["source", "reason", "num_tokens"])
     sources: list[DocSource] = []
@@ -261,7 +270,7 @@ def build_in_memory(b: Build) -> dict:
                 f"source '{r.sources[i].name}': validation needs {need:,} tokens but the source has {have:,}"
             )
     splits = {}
-    splits["validation"] = _pack_split(b, "validation", sources, val_budgets, eos_id, tokenizer_file)
+    splits["validation"] = _pack_split(b, "validation", sources, val_budgets, eos_id)
     for s in sources:
         s.start_train()
     remaining = [s.remaining_tokens() for s in sources]
@@ -280,7 +289,7 @@ def build_in_memory(b: Build) -> dict:
                 f"source has {have:,} after curation and validation, at most {r.max_epochs} epochs. "
                 f"Lower total_tokens or the source's weight, or raise max_epochs."
             )
-    splits["train"] = _pack_split(b, "train", sources, train_budgets, eos_id, tokenizer_file, available_train=remaining)
+    splits["train"] = _pack_split(b, "train", sources, train_budgets, eos_id, available_train=remaining)
     splits = {"train": splits["train"], "validation": splits["validation"]}
     return _assemble(b, report, splits, tokenizer_file)
 
@@ -299,7 +308,6 @@ def _pack_split(
     sources: list[DocSource],
     budgets: list[int],
     eos_id: int,
-    tokenizer_file: str,
     available_train: list[int] | None = None,
 ) -> dict:
     r = b.recipe
@@ -498,10 +506,8 @@ def build_streaming(b: Build) -> dict:
     val_total = _whole_blocks(round(r.total_tokens * r.validation_fraction), r.seq_len)
     train_total = _whole_blocks(r.total_tokens - val_total, r.seq_len)
     splits = {}
-    splits["validation"] = _pack_split(
-        b, "validation", sources, split_budget(val_total, r.shares), eos_id, tokenizer_file
-    )
-    splits["train"] = _pack_split(b, "train", sources, split_budget(train_total, r.shares), eos_id, tokenizer_file)
+    splits["validation"] = _pack_split(b, "validation", sources, split_budget(val_total, r.shares), eos_id)
+    splits["train"] = _pack_split(b, "train", sources, split_budget(train_total, r.shares), eos_id)
     splits = {"train": splits["train"], "validation": splits["validation"]}
     return _assemble(b, report, splits, tokenizer_file)
 
