@@ -146,8 +146,9 @@ def test_report_covers_every_stage(built):
 def test_filters_in_the_pipeline_and_bad_jsonl_lines(tmp_path, caplog):
     rng = random.Random(11)
     docs = [prose(rng, marker=f"zp{i:04d}q") for i in range(30)]
-    near = docs[0].split(" ")
-    for i in (5, 30, 60):
+    docs.append(prose(rng, n_sentences=36, marker="zp9999q"))  # about 400 words
+    near = docs[-1].split(" ")
+    for i in (50, 150, 250):  # three words differ: word 5-gram Jaccard about 0.93
         near[i] = "altered"
     pii_doc = (
         prose(rng)
@@ -310,3 +311,34 @@ def test_existing_tokenizer_and_repetition(built, tmp_path):
     assert (out / "tokenizer" / "tokenizer.json").read_bytes() == (first / "tokenizer" / "tokenizer.json").read_bytes()
     epochs = [s["epochs"] for s in report["splits"]["train"]["sources"].values()]
     assert max(epochs) > 2.5  # the smaller source is repeated to keep its share
+
+
+def test_parquet_source_and_invalid_utf8(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_scripts.recipe import RecipeError
+
+    rng = random.Random(13)
+    pq.write_table(
+        pa.table({"body": [prose(rng) for _ in range(20)], "key": [f"k{i}" for i in range(20)]}),
+        tmp_path / "d.parquet",
+    )
+    (tmp_path / "t").mkdir()
+    for i in range(20):
+        raw = prose(rng).encode() + (b" broken \xff\xfe bytes \xc3\x28 end." if i == 0 else b"")
+        (tmp_path / "t" / f"{i}.txt").write_bytes(raw)
+    pq_source = prose_source("pq", str(tmp_path / "*.parquet"), 0.5, loader="parquet") | {
+        "text_field": "body",
+        "id_field": "key",
+    }
+    sources = [pq_source, prose_source("txt", str(tmp_path / "t" / "*.txt"), 0.5)]
+    out = run(write_recipe(tmp_path / "r.yaml", sources), tmp_path / "out")
+    report = read_report(out)
+    assert report["stages"]["load"]["pq"]["docs_in"] == 20
+    assert report["stages"]["normalize"]["txt"]["invalid_utf8"] == 3
+    assert report["splits"]["train"]["blocks"] > 0
+    bad = [pq_source | {"text_field": "content"}, sources[1]]
+    with pytest.raises(RecipeError, match="has no column 'content'"):
+        run(write_recipe(tmp_path / "r2.yaml", bad), tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()

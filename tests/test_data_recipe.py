@@ -138,3 +138,16 @@ def test_placeholders_and_exclude(tmp_path):
     )
     files = resolve_files(recipe.sources[0])
     assert files.ids == ["doc0000.txt", "doc0002.txt"]
+
+
+def test_cli_reports_one_clear_error(tmp_path, caplog):
+    from data_scripts.prepare import main
+
+    recipe = _base(tmp_path)
+    recipe["seed"] = "abc"
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["--recipe", str(path), "--output", str(tmp_path / "out")]) == 2
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "seed: expected an integer, got 'abc'" in errors[0].getMessage()
+    assert not (tmp_path / "out").exists()
