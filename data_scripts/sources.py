@@ -155,7 +155,7 @@ def _hub_rows(
             yield _row(doc_id, source, text)
 
 
-def _generator(source: SourceConfig, index: int, files: SourceFiles | None):
+def source_rows(source: SourceConfig, index: int, files: SourceFiles | None):
     """(generator function, its keyword arguments) for one source."""
     if source.loader == "hub":
         kw = {"dataset": source.dataset, "config": source.config, "split": source.split, "revision": source.revision}
@@ -191,12 +191,12 @@ def load_source(
     source: SourceConfig, index: int, files: SourceFiles | None, cache_dir: str, fingerprint: str
 ) -> Dataset:
     """The source as an Arrow-backed Dataset written under ``cache_dir``."""
-    gen, kwargs = _generator(source, index, files)
+    gen, kwargs = source_rows(source, index, files)
     return Dataset.from_generator(
         gen, features=FEATURES, gen_kwargs=kwargs, cache_dir=cache_dir, fingerprint=fingerprint
     )
 
 
 def stream_source(source: SourceConfig, index: int, files: SourceFiles | None) -> IterableDataset:
-    gen, kwargs = _generator(source, index, files)
+    gen, kwargs = source_rows(source, index, files)
     return IterableDataset.from_generator(gen, features=FEATURES, gen_kwargs=kwargs)
