@@ -5,6 +5,11 @@ optimizer is AdamW with parameter groups, the schedule cosine with warmup; evalu
 steps keeps the best model; checkpoints every N steps are complete or absent, and a run resumes
 from the newest one with the same data order, RNG and schedule, so a killed run reaches the same
 loss at step N as an uninterrupted one. Writes RUN/metrics.jsonl, RUN/summary.json, RUN/final/.
+
+Fine-tuning hooks (trainers/finetune.py): `eval_fn` replaces the token-loss evaluation (e.g. with
+classification metrics); a peft model is saved as its adapter alone in best/ and final/ (peft's
+`save_pretrained`: adapter_config.json with the base model path, adapter_model.safetensors); batches
+with an `attention_mask` (padded rows) count only their real tokens.
 """
 
 import json
@@ -160,6 +165,12 @@ def evaluate(model, loader, accelerator, max_batches=None) -> float:
     return (torch.cat(sums).sum() / torch.cat(counts).sum()).item()
 
 
+def evaluate_lm(model, loader, accelerator, max_batches=None) -> dict:
+    """The default `eval_fn`: validation token loss and perplexity."""
+    val = evaluate(model, loader, accelerator, max_batches)
+    return {"val_loss": val, "val_ppl": math.exp(min(val, 50))}
+
+
 class MetricsLog:
     """RUN/metrics.jsonl on the main process; a resumed run drops the rows after its checkpoint."""
 
@@ -180,8 +191,13 @@ class MetricsLog:
         self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
 
-def train(args: TrainArgs, accelerator: Accelerator, model, train_ds, val_ds, collate_fn, tokenizer=None) -> dict:
-    """Train `model` on `train_ds`; returns the summary (also written to RUN/summary.json)."""
+def train(args: TrainArgs, accelerator: Accelerator, model, train_ds, val_ds, collate_fn, tokenizer=None, eval_fn=None) -> dict:
+    """Train `model` on `train_ds`; returns the summary (also written to RUN/summary.json).
+
+    `eval_fn(model, val_loader, accelerator, max_batches) -> dict` is called at every evaluation; its
+    dict is written to metrics.jsonl and must hold `val_loss`, which picks best/. Default: `evaluate_lm`.
+    """
+    eval_fn = eval_fn or evaluate_lm
     out = Path(args.output_dir)
     set_seed(args.seed)
     global_batch = args.micro_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
@@ -219,7 +235,11 @@ def train(args: TrainArgs, accelerator: Accelerator, model, train_ds, val_ds, co
     ckpt = CheckpointManager(out / "checkpoints", args.keep_checkpoints)
     metrics = MetricsLog(out / "metrics.jsonl", accelerator)
     if args.resume and (latest := ckpt.latest()) is not None:
-        accelerator.load_state(str(latest))
+        unwrapped = accelerator.unwrap_model(model)
+        quantized = getattr(unwrapped, "is_loaded_in_4bit", False) or getattr(unwrapped, "is_loaded_in_8bit", False)
+        # bitsandbytes saves its quantization state beside each k-bit weight, and load_state_dict does
+        # not take it back: not strict for those models (their frozen base is rebuilt from base_model).
+        accelerator.load_state(str(latest), **({"strict": False} if quantized else {}))
         logger.info("resumed from %s at step %d", latest, state.step)
         metrics.truncate_after(state.step)
     elif accelerator.is_main_process and metrics.path.exists():
@@ -247,15 +267,18 @@ def train(args: TrainArgs, accelerator: Accelerator, model, train_ds, val_ds, co
     start_wall = time.perf_counter()
     bar = tqdm(total=max_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train", dynamic_ncols=True)
     window = {"tokens": 0, "time": 0.0, "wait": 0.0, "steps": 0}
-    last_eval = None  # (step, val_loss)
+    last_eval = None  # (step, eval_fn result)
     while state.step < max_steps:
         t0 = time.perf_counter()
         wait = 0.0
         losses = []
+        real_tokens = []  # padded batches only
         for _ in range(args.gradient_accumulation_steps):
             tw = time.perf_counter()
             batch = next(stream)
             wait += time.perf_counter() - tw
+            if "attention_mask" in batch:
+                real_tokens.append(batch["attention_mask"].sum())
             with accelerator.accumulate(model):
                 loss = model(**batch, use_cache=False).loss
                 accelerator.backward(loss)
@@ -273,6 +296,8 @@ def train(args: TrainArgs, accelerator: Accelerator, model, train_ds, val_ds, co
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         step_tokens = global_batch * seq_len
+        if real_tokens:
+            step_tokens = int(accelerator.reduce(torch.stack(real_tokens).sum(), reduction="sum").item())
         state.tokens_seen += step_tokens
         dt = time.perf_counter() - t0
         window["tokens"] += step_tokens
@@ -298,9 +323,10 @@ def train(args: TrainArgs, accelerator: Accelerator, model, train_ds, val_ds, co
             window = {"tokens": 0, "time": 0.0, "wait": 0.0, "steps": 0}
 
         if state.step % args.eval_every == 0 or state.step == max_steps:
-            val = evaluate(model, val_loader, accelerator, args.eval_batches)
-            last_eval = (state.step, val)
-            metrics.write({"step": state.step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
+            result = eval_fn(model, val_loader, accelerator, args.eval_batches)
+            last_eval = (state.step, result)
+            metrics.write({"step": state.step, **result})
+            val = result["val_loss"]
             if val < state.best_val_loss:
                 state.best_val_loss, state.best_step = val, state.step
                 _save_model(accelerator, model, tokenizer, out / "best")
@@ -310,7 +336,7 @@ def train(args: TrainArgs, accelerator: Accelerator, model, train_ds, val_ds, co
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
 
-    final_val = last_eval[1] if last_eval and last_eval[0] == state.step else evaluate(model, val_loader, accelerator, args.eval_batches)
+    final_eval = last_eval[1] if last_eval and last_eval[0] == state.step else eval_fn(model, val_loader, accelerator, args.eval_batches)
     _save_model(accelerator, model, tokenizer, out / "final")
     summary = {
         "steps": state.step,
@@ -318,7 +344,8 @@ def train(args: TrainArgs, accelerator: Accelerator, model, train_ds, val_ds, co
         "global_batch_sequences": global_batch,
         "seq_len": seq_len,
         "wall_time_s": time.perf_counter() - start_wall,
-        "final_val_loss": final_val,
+        "final_val_loss": final_eval["val_loss"],
+        "final_eval": final_eval,
         "best_val_loss": state.best_val_loss,
         "best_step": state.best_step,
         "hardware": {
@@ -340,12 +367,13 @@ def train(args: TrainArgs, accelerator: Accelerator, model, train_ds, val_ds, co
 
 
 def _save_model(accelerator, model, tokenizer, folder: Path) -> None:
-    """save_pretrained (safetensors, remote code, generation config) of the unwrapped model, atomically."""
+    """save_pretrained (safetensors, remote code, generation config) of the unwrapped model, atomically.
+    A peft model saves its adapter alone (peft's save_pretrained keeps only the adapter's weights)."""
     state_dict = accelerator.get_state_dict(model)  # gathers sharded (FSDP) weights; collective
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        if tokenizer is not None:
-            gen = unwrapped.generation_config
+        gen = getattr(unwrapped, "generation_config", None)  # None: a classifier, no generation
+        if tokenizer is not None and gen is not None:
             gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
         atomic_save_pretrained(unwrapped, tokenizer, folder, state_dict=state_dict)
     accelerator.wait_for_everyone()
