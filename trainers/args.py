@@ -15,6 +15,8 @@ from typing import TypeVar
 import yaml
 from transformers import HfArgumentParser
 
+from .qlora import DEFAULT_SKIP_MODULES
+
 T = TypeVar("T")
 
 
@@ -100,3 +102,29 @@ def parse_args(cls: type[T], argv: list[str] | None = None) -> T:
         if f.name in config and isinstance(config[f.name], dict):
             setattr(args, f.name, config[f.name])
     return args
+
+
+@dataclass
+class FinetuneArgs(TrainArgs):
+    """Fine-tuning a saved model (LoRA, QLoRA or all weights) on chat or classification data."""
+
+    base_model: str = field(default="", metadata={"help": "save_pretrained folder of the base model (e.g. runs/tiny/final)."})
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer folder; the base model's folder when unset."})
+    task: str = field(default="chat", metadata={"help": "chat (instruction tuning, loss on assistant tokens) or classification."})
+    train_file: str | None = field(default=None, metadata={"help": "chat: JSONL of {messages}; classification: TSV with header, or JSONL."})
+    validation_file: str | None = field(default=None, metadata={"help": "Held-out file in the train_file format."})
+    max_seq_len: int = field(default=512, metadata={"help": "Tokens per sequence; longer ones are cut."})
+    adapter: str = field(default="lora", metadata={"help": "lora, qlora (4-bit NF4 base, needs bitsandbytes) or none (all weights)."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank (the uniform rank, and the budget of importance allocation)."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; every module keeps the scaling lora_alpha / lora_r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] = field(default_factory=list, metadata={"help": "Targets (trainers/peft_targets.py): names like in_proj or mamba.out_proj, groups attention/mlp/mamba/all; empty: the default map."})
+    rank_allocation: str = field(default="uniform", metadata={"help": "uniform, or importance: ranks from gradient spectra at the same parameter budget."})
+    importance_batches: int = field(default=8, metadata={"help": "Training batches used to measure importance."})
+    lora_rank_min: int = field(default=1, metadata={"help": "Smallest rank importance allocation gives a target module."})
+    lora_rank_max: int | None = field(default=None, metadata={"help": "Largest rank importance allocation gives (default 4 * lora_r)."})
+    quant_skip_modules: list[str] = field(default_factory=lambda: list(DEFAULT_SKIP_MODULES), metadata={"help": "qlora: modules kept unquantized (suffix match)."})
+    classification_task: str = field(default="sst2", metadata={"help": "A GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) or your own name."})
+    text_columns: list[str] = field(default_factory=list, metadata={"help": "Text column(s) of a task of your own (GLUE tasks know theirs)."})
+    num_labels: int | None = field(default=None, metadata={"help": "Classes of a task of your own; 1 is regression."})
+    data_source: str = field(default="auto", metadata={"help": "classification: local, hub (GLUE from the Hub), auto (the Hub when reachable, else local files)."})

@@ -1,0 +1,76 @@
+"""A base model folder for the offline fine-tuning demo: a tokenizer trained on the shipped demo data
+and a randomly initialised model of a preset.
+
+    python -m trainers.demo_base --out runs/demo-base [--preset debug]
+
+The fine-tuning configs point at runs/demo-base so that they run on a fresh machine with no Hub and
+no pretraining run. The model is not pretrained: it shows the pipeline, not what fine-tuning a real
+base achieves. For that, point `base_model` at a pretraining run's final/ (trainers/pretrain.py).
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import modeling  # noqa: F401
+from configuration import get_preset
+from modeling import HybridMambaForCausalLM
+
+from .chat_data import DEFAULT_CHAT_TEMPLATE
+
+DEMO_DATA = Path(__file__).parent / "demo_data"
+
+
+def demo_texts() -> list[str]:
+    texts = []
+    for path in sorted(DEMO_DATA.glob("chat_*.jsonl")):
+        for line in path.read_text().splitlines():
+            texts += [m["content"] for m in json.loads(line)["messages"]]
+    for path in sorted(DEMO_DATA.glob("*.tsv")):
+        texts += [row.split("\t")[0] for row in path.read_text().splitlines()[1:]]
+    return texts
+
+
+def build_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # the chat template's role markers are plain text; they are in the training text so they merge well
+    texts = demo_texts() + [f"<|{r}|>\n" for r in ("system", "user", "assistant")] * 50
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tokenizer
+
+
+def make_demo_base(out, preset: str = "debug", vocab_size: int = 512, seed: int = 0, **overrides) -> Path:
+    out = Path(out)
+    tokenizer = build_tokenizer(vocab_size)
+    torch.manual_seed(seed)
+    config = get_preset(preset, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **overrides)
+    model = HybridMambaForCausalLM(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/demo-base")
+    parser.add_argument("--preset", default="debug")
+    parser.add_argument("--vocab_size", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out = make_demo_base(args.out, args.preset, args.vocab_size, args.seed)
+    print(f"demo base ({args.preset}, random init, tokenizer of {args.vocab_size}) in {out}")
+
+
+if __name__ == "__main__":
+    main()

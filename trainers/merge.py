@@ -1,0 +1,50 @@
+"""Merge a saved LoRA adapter into its base: a plain save_pretrained folder (remote code, tokenizer).
+
+    python -m trainers.merge RUN/final OUT [--base PATH]
+
+The base is the one recorded in the adapter (adapter_config.json `base_model_name_or_path`), unless
+--base is given; the model class (causal LM or classifier, with its label count) comes from the
+run's finetune_config.json. The merged weights match the adapted model within float rounding
+(tests/test_finetune.py checks 1e-5). A QLoRA adapter is merged into the unquantized base.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import modeling  # noqa: F401
+from modeling import HybridMambaForCausalLM, HybridMambaForSequenceClassification
+
+
+def merge(adapter_dir, out, base: str | None = None) -> Path:
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    adapter_dir, out = Path(adapter_dir), Path(out)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json; give a fine-tuning run's final/ or best/.")
+    base = base or json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    cfg_path = adapter_dir / "finetune_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {"task": "chat"}
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=True)
+    if cfg["task"] == "classification":
+        model = HybridMambaForSequenceClassification.from_pretrained(base, num_labels=cfg["num_labels"], pad_token_id=tokenizer.pad_token_id)
+    else:
+        model = HybridMambaForCausalLM.from_pretrained(base)
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("adapter_dir")
+    parser.add_argument("out")
+    parser.add_argument("--base", default=None, help="base model folder (default: the one the adapter records)")
+    args = parser.parse_args(argv)
+    print(f"merged model in {merge(args.adapter_dir, args.out, args.base)}")
+
+
+if __name__ == "__main__":
+    main()

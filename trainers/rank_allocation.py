@@ -1,0 +1,197 @@
+"""Importance-guided LoRA ranks at a fixed budget of trainable parameters.
+
+Importance. On a few training batches, the gradient of the task loss with respect to each target
+weight W (out x in) is accumulated: G = sum over tokens of dL/dy x^T, read from hooks on the layer
+(so it works on a frozen or a 4-bit weight, whose own .grad never exists). The best rank-k update of
+Frobenius norm 1 lowers the loss, to first order, by sqrt(sigma_1^2 + ... + sigma_k^2) (singular
+values of G): the k-th direction of a module adds sigma_k^2 to that squared gain, and costs in + out
+parameters.
+
+Allocation. Every module starts at `r_min`; then, while the budget allows, the next rank unit goes
+to the module whose next sigma_k^2 per parameter is largest (a greedy knapsack over decreasing
+gains). The budget is what uniform LoRA of rank r spends on the same modules, so both arms train the
+same number of parameters (or fewer for the allocated arm, by less than one rank unit). The result
+is peft's `rank_pattern`, with `alpha_pattern` keeping lora_alpha / r the same for every module.
+
+    python -m trainers.rank_allocation --config trainers/configs/finetune_classification.yaml \
+        --seeds 0 1 2 3 4 --out results/rank_allocation
+
+compares both arms across seeds (one fine-tuning run per arm and seed through trainers/finetune.py)
+and writes results/rank_allocation/{rank_allocation.json,rank_allocation.md}.
+"""
+
+import argparse
+import heapq
+import json
+import logging
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from .peft_targets import lora_parameter_count, target_module_names
+from .stats import summarize
+
+logger = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def measure_importance(model, batches, targets: list[str]) -> dict[str, torch.Tensor]:
+    """Singular values (descending) of the accumulated weight gradient of every target module."""
+    names = target_module_names(model, targets)
+    modules = dict(model.named_modules())
+    grads: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook(name):
+        def forward_hook(module, args, output):
+            x = args[0].detach()
+
+            def grad_hook(g):
+                g2, x2 = g.reshape(-1, g.shape[-1]).float(), x.reshape(-1, x.shape[-1]).float()  # (N, out), (N, in)
+                update = g2.T @ x2  # (out, in)
+                grads[name] = grads[name] + update if name in grads else update
+
+            if output.requires_grad:
+                output.register_hook(grad_hook)
+
+        return forward_hook
+
+    for name in names:
+        handles.append(modules[name].register_forward_hook(hook(name)))
+    # The hooks need a graph through the layers even when every weight is frozen.
+    emb = model.get_input_embeddings()
+    handles.append(emb.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
+    was_training = model.training
+    model.train()
+    try:
+        for batch in batches:
+            model.zero_grad(set_to_none=True)
+            loss = model(**batch, use_cache=False).loss
+            loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    missing = [n for n in names if n not in grads]
+    if missing:
+        raise RuntimeError(f"No gradient reached {missing[:3]} (and {max(0, len(missing) - 3)} more) while measuring importance.")
+    return {n: torch.linalg.svdvals(grads[n]) for n in names}
+
+
+def allocate_ranks(model, spectra: dict[str, torch.Tensor], budget: int, r_min: int, r_max: int) -> dict[str, int]:
+    """Ranks per module name, greedy on sigma_k^2 / (in + out) under `budget` trainable parameters."""
+    modules = dict(model.named_modules())
+    cost = {n: lora_parameter_count(modules[n], 1) for n in spectra}
+    ranks = {n: r_min for n in spectra}
+    spent = sum(r_min * c for n, c in cost.items())
+    if spent > budget:
+        raise ValueError(f"r_min={r_min} on every module already spends {spent} parameters, over the budget {budget}.")
+    heap = [(-float(s[r_min]) ** 2 / cost[n], n) for n, s in spectra.items() if r_min < min(r_max, len(s))]
+    heapq.heapify(heap)
+    while heap:
+        _, n = heapq.heappop(heap)
+        if spent + cost[n] > budget:
+            continue  # a cheaper module may still fit
+        ranks[n] += 1
+        spent += cost[n]
+        k = ranks[n]
+        if k < min(r_max, len(spectra[n])):
+            heapq.heappush(heap, (-float(spectra[n][k]) ** 2 / cost[n], n))
+    return ranks
+
+
+def rank_and_alpha_patterns(ranks: dict[str, int], lora_r: int, lora_alpha: float) -> tuple[dict, dict]:
+    """peft `rank_pattern` / `alpha_pattern` (keys escaped: peft reads them as regexes)."""
+    rank_pattern = {re.escape(n): r for n, r in ranks.items()}
+    alpha_pattern = {re.escape(n): lora_alpha * r / lora_r for n, r in ranks.items()}
+    return rank_pattern, alpha_pattern
+
+
+def uniform_budget(model, targets: list[str], r: int) -> int:
+    modules = dict(model.named_modules())
+    return sum(lora_parameter_count(modules[n], r) for n in target_module_names(model, targets))
+
+
+# ------------------------------------------------------------------------------------------------
+# Comparison across seeds
+# ------------------------------------------------------------------------------------------------
+
+
+def run_arm(config: str, arm: str, seed: int, out: Path, extra: list[str]) -> dict:
+    run_dir = out / "runs" / f"{arm}_seed{seed}"
+    cmd = [sys.executable, str(REPO / "trainers" / "finetune.py"), "--config", config, "--seed", str(seed),
+           "--rank_allocation", arm, "--output_dir", str(run_dir), "--resume", "false", *extra]
+    logger.info("%s", " ".join(cmd))
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{arm} seed {seed} failed:\n{done.stderr[-3000:]}")
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def main(argv=None) -> dict:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="a finetune YAML (classification or chat)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--out", default="results/rank_allocation")
+    args, extra = parser.parse_known_args(argv)  # anything else goes to every finetune run
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {arm: {} for arm in ("uniform", "importance")}
+    for seed in args.seeds:
+        for arm in runs:
+            summary = run_arm(args.config, arm, seed, out, extra)
+            runs[arm][seed] = {
+                "final_eval": summary["final_eval"],
+                "trainable_parameters": summary["finetune"]["trainable_parameters"],
+                "lora_parameters": summary["finetune"]["lora_parameters"],
+                "ranks": summary["finetune"].get("ranks"),
+            }
+    metric_names = [k for k in runs["uniform"][args.seeds[0]]["final_eval"] if isinstance(runs["uniform"][args.seeds[0]]["final_eval"][k], float)]
+    result = {
+        "command": "python -m trainers.rank_allocation " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "config": args.config,
+        "seeds": args.seeds,
+        "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "arms": {
+            arm: {
+                "metrics": {m: summarize([r["final_eval"][m] for r in per_seed.values()]) for m in metric_names},
+                "lora_parameters": sorted({r["lora_parameters"] for r in per_seed.values()}),
+                "per_seed": per_seed,
+            }
+            for arm, per_seed in runs.items()
+        },
+    }
+    # paired differences (importance - uniform) per seed: the seeds share data order and head init
+    result["difference"] = {
+        m: summarize([runs["importance"][s]["final_eval"][m] - runs["uniform"][s]["final_eval"][m] for s in args.seeds])
+        for m in metric_names
+    }
+    (out / "rank_allocation.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "rank_allocation.md").write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
+def markdown(result: dict) -> str:
+    metrics = list(result["difference"])
+    lines = [
+        f"Seeds {result['seeds']}; mean ± std (95% CI). LoRA parameters: "
+        + ", ".join(f"{arm} {result['arms'][arm]['lora_parameters']}" for arm in result["arms"]),
+        "",
+        "| metric | uniform | importance | importance - uniform (paired) |",
+        "|---|---|---|---|",
+    ]
+    fmt = lambda s: f"{s['mean']:.4f} ± {s['std']:.4f} [{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]"  # noqa: E731
+    for m in metrics:
+        lines.append(f"| {m} | {fmt(result['arms']['uniform']['metrics'][m])} | {fmt(result['arms']['importance']['metrics'][m])} | {fmt(result['difference'][m])} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+"""Mean, standard deviation and 95% confidence interval of a metric over seeds (Student's t)."""
+
+import math
+
+from scipy.stats import t as student_t
+
+
+def summarize(values: list[float]) -> dict:
+    """{'mean', 'std' (n-1), 'ci95': [low, high], 'n', 'values'}; a single value has no spread (nan)."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("summarize needs at least one value.")
+    mean = sum(values) / n
+    if n < 2:
+        return {"mean": mean, "std": math.nan, "ci95": [math.nan, math.nan], "n": n, "values": list(values)}
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = student_t.ppf(0.975, n - 1) * std / math.sqrt(n)
+    return {"mean": mean, "std": std, "ci95": [mean - half, mean + half], "n": n, "values": list(values)}
