@@ -411,6 +411,8 @@ def _assemble(b: Build, report: CurationReport, splits: dict, tokenizer_file: st
                 "files": len(b.files[i].paths) if b.files[i] else None,
                 "bytes": b.files[i].total_bytes if b.files[i] else None,
                 "dataset": s.dataset,
+                "license": s.license,
+                "attribution": s.attribution,
             }
             for i, s in enumerate(r.sources)
         ],

@@ -112,6 +112,10 @@ class SourceConfig:
     """hub: a commit or tag to pin."""
     max_docs: int | None = None
     """Read at most this many documents from the source."""
+    license: str | None = None
+    """Licence of the source's content (SPDX-style id), carried into the report for model cards."""
+    attribution: str | None = None
+    """Who to credit and where the data comes from, carried into the report for model cards."""
     filters: FilterConfig = field(default_factory=FilterConfig)
 
 
