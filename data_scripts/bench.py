@@ -81,6 +81,7 @@ def bench_stages(recipe_path: str) -> dict:
                 column.append(row[k])
     load_s = time.perf_counter() - t0
     raw_mb = _mb(rows["text"])
+    raw_docs = len(rows["text"])
     results = {"load": {"mb_in": raw_mb, "seconds": load_s}}
 
     def timed(name, fn, data, batch_size, **kw):
@@ -134,7 +135,7 @@ def bench_stages(recipe_path: str) -> dict:
     for v in results.values():
         v["mb_per_s"] = v["mb_in"] / v["seconds"] if v["seconds"] else None
         v["raw_mb_per_s"] = raw_mb / v["seconds"] if v["seconds"] else None
-    return {"raw_mb": raw_mb, "documents": len(rows["text"]), "stages": results}
+    return {"raw_mb": raw_mb, "documents": raw_docs, "documents_curated": len(rows["text"]), "stages": results}
 
 
 def _time_command(cmd: list[str]) -> float:
@@ -192,9 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level="WARNING")
     result = {"recipe": Path(args.recipe).name, "machine": machine()}
+    # Other work on the machine slows every number here; the load average says how much there was.
+    load_before = os.getloadavg()[0]
     result |= bench_stages(args.recipe)
     if not args.skip_end_to_end:
         result["end_to_end"] = bench_end_to_end(args.recipe, args.num_proc)
+    result["machine"]["load_average_1min"] = {"start": load_before, "end": os.getloadavg()[0]}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     for name, v in result["stages"].items():
