@@ -25,10 +25,13 @@ install_requires = [
     "numpy",
     "datasketch>=2.0",
     "lingua-language-detector>=2.0",
+    "scipy",  # fine-tuning metrics (Pearson, Spearman) and confidence intervals over seeds
+    "scikit-learn",  # fine-tuning metrics (accuracy, F1, Matthews correlation)
 ]
 
 extras_require = {
     # CUDA kernels: used when importable on a CUDA device, the pure-torch path is the fallback.
+    # bitsandbytes: QLoRA (trainers/finetune.py adapter: qlora); on CPU `pip install bitsandbytes` alone.
     "cuda": ["mamba-ssm>=2.2", "causal-conv1d>=1.4", "flash-attn>=2.6", "bitsandbytes>=0.45"],
     "dev": ["pytest>=8", "matplotlib>=3.8"],
 }
@@ -42,7 +45,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["configuration*", "modeling*", "trainers*", "data_scripts*", "eval_harness*", "hub_cards*"]),
-    package_data={"configuration": ["presets.yaml"]},
+    package_data={"configuration": ["presets.yaml"], "data_scripts": ["recipes/*.yaml"], "trainers": ["configs/*.yaml", "accelerate/*.yaml"]},
     install_requires=install_requires,
     extras_require=extras_require,
 )
