@@ -98,24 +98,24 @@ def segment_ids(position_ids: torch.Tensor | None, pad_mask: torch.Tensor | None
 def causal_conv1d_ref(x, weight, bias=None, prefix=None, seq_idx=None):
     """Depthwise causal convolution. x (B, E, T), weight (E, K), prefix (B, E, >=K-1) earlier inputs.
 
+    Written as K shifted multiply-adds: on CPU the backward of a depthwise `F.conv1d` is slower than
+    the whole rest of a Mamba layer, while this one's backward is elementwise.
     With `seq_idx` (B, T), a tap reads an input only from the same segment; prefix tokens belong to
     segment 0. Returns (B, E, T) before activation.
     """
     k = weight.shape[-1]
     t = x.shape[-1]
     if prefix is None:
-        if seq_idx is None:
-            return F.conv1d(x, weight.unsqueeze(1), bias, padding=k - 1, groups=x.shape[1])[..., :t]
         xp = F.pad(x, (k - 1, 0))
     else:
         xp = torch.cat([prefix[..., prefix.shape[-1] - (k - 1) :].to(x.dtype), x], dim=-1)
-    if seq_idx is None:
-        return F.conv1d(xp, weight.unsqueeze(1), bias, groups=x.shape[1])
-    seg = F.pad(seq_idx, (k - 1, 0), value=0)  # prefix and zero padding: segment 0
-    out = torch.zeros_like(x)
-    for j in range(k):  # tap j reads token t - (k - 1 - j)
-        same = (seg[:, j : j + t] == seq_idx).unsqueeze(1).to(x.dtype)
-        out = out + xp[..., j : j + t] * weight[:, j, None] * same
+    seg = F.pad(seq_idx, (k - 1, 0), value=0) if seq_idx is not None else None  # prefix, zero pad: segment 0
+    out = x * weight[:, k - 1, None]  # the last tap reads the token itself
+    for j in range(k - 1):  # tap j reads token t - (k - 1 - j)
+        tap = xp[..., j : j + t] * weight[:, j, None]
+        if seg is not None:
+            tap = tap * (seg[:, j : j + t] == seq_idx).unsqueeze(1).to(x.dtype)
+        out = out + tap
     return out if bias is None else out + bias[:, None]
 
 
@@ -414,8 +414,6 @@ class _MambaMixerBase(nn.Module):
         w, bias = self.conv1d.weight.squeeze(1), self.conv1d.bias
         if prefix is None and seq_idx is None and _use_kernels(self, xBC) and causal_conv1d_fn is not None:
             out = causal_conv1d_fn(xBC, w, bias, activation=None)
-        elif prefix is None and seq_idx is None and type(self.conv1d) is nn.Conv1d:
-            out = self.conv1d(xBC)[..., : xBC.shape[-1]]
         else:
             out = causal_conv1d_ref(xBC, w, bias, prefix=prefix, seq_idx=seq_idx)
         if cache is not None:  # after the conv: the cached tensor is updated in place
