@@ -25,7 +25,7 @@ WORDS = "apple river stone cloud tiger lamp paper garden window silver orange ca
 def clause(rng):
     """(text, polarity): polarity 1 positive, 0 negative, after negation."""
     positive = rng.random() < 0.5
-    negated = rng.random() < 0.4
+    negated = rng.random() < 0.3
     adj = rng.choice(POSITIVE if positive else NEGATIVE)
     text = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {'not ' if negated else ''}{rng.choice(INTENSIFIERS)}{adj}"
     return text, int(positive != negated)
@@ -33,7 +33,7 @@ def clause(rng):
 
 def sentiment(rng):
     first, label = clause(rng)
-    if rng.random() < 0.45:
+    if rng.random() < 0.2:
         second, label = clause(rng)
         return f"{first} , but {second} .", label
     return f"{first} .", label
