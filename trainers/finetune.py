@@ -185,6 +185,10 @@ def wrap_with_lora(args: FinetuneArgs, model, train_ds, collate_fn) -> tuple[tor
     return peft_model, info
 
 
+def public(finetune: dict) -> dict:
+    return {k: v for k, v in finetune.items() if k != "malformed_records"}
+
+
 def main(argv=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.WARNING)
@@ -207,6 +211,8 @@ def main(argv=None) -> dict:
         eval_fn = guarded(eval_fn or evaluate_lm)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     finetune["trainable_parameters"] = trainable
+    if accelerator.is_main_process:  # what the adapter needs to be loaded, before any of it is saved
+        Path(args.output_dir, "finetune_config.json").write_text(json.dumps(public(finetune), indent=2) + "\n")
     if accelerator.is_main_process:
         logger.info("%s %s: %d trainable parameters of %d; %d train / %d validation examples; %d malformed records skipped",
                     args.task, args.adapter, trainable, sum(p.numel() for p in model.parameters()),
@@ -217,8 +223,7 @@ def main(argv=None) -> dict:
         out = Path(args.output_dir)
         for folder in (out / "best", out / "final"):
             if folder.is_dir():
-                (folder / "finetune_config.json").write_text(json.dumps(
-                    {k: v for k, v in finetune.items() if k != "malformed_records"}, indent=2) + "\n")
+                (folder / "finetune_config.json").write_text(json.dumps(public(finetune), indent=2) + "\n")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         shown = {k: round(v, 4) for k, v in summary["final_eval"].items() if isinstance(v, float)}
         print(f"{args.task} / {args.adapter}: final {shown}; best val_loss {summary['best_val_loss']:.4f} at step "

@@ -4,8 +4,9 @@
 
 The base is the one recorded in the adapter (adapter_config.json `base_model_name_or_path`), unless
 --base is given; the model class (causal LM or classifier, with its label count) comes from the
-run's finetune_config.json. The merged weights match the adapted model within float rounding
-(tests/test_finetune.py checks 1e-5). A QLoRA adapter is merged into the unquantized base.
+run's finetune_config.json (a causal LM when there is none). The merged weights match the adapted
+model within float rounding (tests/test_finetune.py checks 1e-5). A QLoRA adapter is merged into
+the unquantized base.
 """
 
 import argparse
@@ -24,8 +25,9 @@ def merge(adapter_dir, out, base: str | None = None) -> Path:
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json; give a fine-tuning run's final/ or best/.")
     base = base or json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-    cfg_path = adapter_dir / "finetune_config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {"task": "chat"}
+    # beside the adapter (written at the end of the run) or in the run folder (written at its start)
+    found = [p for p in (adapter_dir / "finetune_config.json", adapter_dir.parent / "finetune_config.json") if p.is_file()]
+    cfg = json.loads(found[0].read_text()) if found else {"task": "chat"}
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=True)
     if cfg["task"] == "classification":
         model = HybridMambaForSequenceClassification.from_pretrained(base, num_labels=cfg["num_labels"], pad_token_id=tokenizer.pad_token_id)

@@ -14,19 +14,18 @@ same number of parameters (or fewer for the allocated arm, by less than one rank
 is peft's `rank_pattern`, with `alpha_pattern` keeping lora_alpha / r the same for every module.
 
     python -m trainers.rank_allocation --config trainers/configs/finetune_classification.yaml \
-        --seeds 0 1 2 3 4 --out results/rank_allocation
+        --seeds 0 1 2 3 4 --out results/rank_allocation --max_steps 100 --eval_every 100
 
-compares both arms across seeds (one fine-tuning run per arm and seed through trainers/finetune.py)
-and writes results/rank_allocation/{rank_allocation.json,rank_allocation.md}.
+compares both arms across seeds (one fine-tuning run per arm and seed through trainers/finetune.py;
+flags it does not know go to every run) and writes OUT/rank_allocation.{json,md} with mean, std,
+95% interval per arm and of the paired per-seed differences; the runs go under OUT/runs/.
 """
 
 import argparse
 import heapq
 import json
 import logging
-import platform
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,9 +33,9 @@ import torch
 
 from .peft_targets import lora_parameter_count, target_module_names
 from .stats import summarize
+from .sweep import float_metrics, machine, run_seed
 
 logger = logging.getLogger(__name__)
-REPO = Path(__file__).resolve().parents[1]
 
 
 def measure_importance(model, batches, targets: list[str]) -> dict[str, torch.Tensor]:
@@ -65,17 +64,21 @@ def measure_importance(model, batches, targets: list[str]) -> dict[str, torch.Te
     # The hooks need a graph through the layers even when every weight is frozen.
     emb = model.get_input_embeddings()
     handles.append(emb.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
+    # Only the hooks' products are needed: no weight gradient is computed or stored.
+    requires = {p: p.requires_grad for p in model.parameters()}
+    for p in requires:
+        p.requires_grad_(False)
     was_training = model.training
     model.train()
     try:
         for batch in batches:
-            model.zero_grad(set_to_none=True)
             loss = model(**batch, use_cache=False).loss
             loss.backward()
     finally:
         for h in handles:
             h.remove()
-        model.zero_grad(set_to_none=True)
+        for p, flag in requires.items():
+            p.requires_grad_(flag)
         model.train(was_training)
     missing = [n for n in names if n not in grads]
     if missing:
@@ -122,17 +125,6 @@ def uniform_budget(model, targets: list[str], r: int) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-def run_arm(config: str, arm: str, seed: int, out: Path, extra: list[str]) -> dict:
-    run_dir = out / "runs" / f"{arm}_seed{seed}"
-    cmd = [sys.executable, str(REPO / "trainers" / "finetune.py"), "--config", config, "--seed", str(seed),
-           "--rank_allocation", arm, "--output_dir", str(run_dir), "--resume", "false", *extra]
-    logger.info("%s", " ".join(cmd))
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{arm} seed {seed} failed:\n{done.stderr[-3000:]}")
-    return json.loads((run_dir / "summary.json").read_text())
-
-
 def main(argv=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -145,19 +137,19 @@ def main(argv=None) -> dict:
     runs = {arm: {} for arm in ("uniform", "importance")}
     for seed in args.seeds:
         for arm in runs:
-            summary = run_arm(args.config, arm, seed, out, extra)
+            summary = run_seed(args.config, seed, out / "runs" / f"{arm}_seed{seed}", ["--rank_allocation", arm, *extra])
             runs[arm][seed] = {
                 "final_eval": summary["final_eval"],
                 "trainable_parameters": summary["finetune"]["trainable_parameters"],
                 "lora_parameters": summary["finetune"]["lora_parameters"],
                 "ranks": summary["finetune"].get("ranks"),
             }
-    metric_names = [k for k in runs["uniform"][args.seeds[0]]["final_eval"] if isinstance(runs["uniform"][args.seeds[0]]["final_eval"][k], float)]
+    metric_names = float_metrics(runs["uniform"][args.seeds[0]]["final_eval"])
     result = {
         "command": "python -m trainers.rank_allocation " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": args.config,
         "seeds": args.seeds,
-        "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": machine(),
         "arms": {
             arm: {
                 "metrics": {m: summarize([r["final_eval"][m] for r in per_seed.values()]) for m in metric_names},

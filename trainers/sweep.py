@@ -1,0 +1,72 @@
+"""One fine-tuning config over several seeds: mean ± std and a 95% confidence interval per metric.
+
+    python -m trainers.sweep --config trainers/configs/finetune_classification.yaml --seeds 0 1 2 [--field value ...]
+
+Runs trainers/finetune.py once per seed (a fresh process each, output in OUT/seed_<n>/), then writes
+OUT/sweep.json and OUT/sweep.md with every final validation metric summarised over the seeds
+(Student's t interval, trainers/stats.py). OUT defaults to the config's output_dir.
+"""
+
+import argparse
+import json
+import logging
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from .stats import summarize
+
+logger = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_seed(config: str, seed: int, run_dir: Path, extra: list[str]) -> dict:
+    """trainers/finetune.py with `--seed seed --output_dir run_dir`, from scratch; returns its summary."""
+    cmd = [sys.executable, str(REPO / "trainers" / "finetune.py"), "--config", config, "--seed", str(seed),
+           "--output_dir", str(run_dir), "--resume", "false", *extra]
+    logger.info("%s", " ".join(cmd))
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"seed {seed} failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def float_metrics(final_eval: dict) -> list[str]:
+    return [k for k, v in final_eval.items() if isinstance(v, float)]
+
+
+def machine() -> dict:
+    return {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def main(argv=None) -> dict:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default=None, help="folder for the runs and sweep.json (default: the config's output_dir)")
+    args, extra = parser.parse_known_args(argv)  # other flags go to every run
+    out = Path(args.out or yaml.safe_load(Path(args.config).read_text())["output_dir"])
+    summaries = {seed: run_seed(args.config, seed, out / f"seed_{seed}", extra) for seed in args.seeds}
+    names = float_metrics(summaries[args.seeds[0]]["final_eval"])
+    result = {
+        "command": "python -m trainers.sweep " + " ".join(sys.argv[1:] if argv is None else argv),
+        "seeds": args.seeds,
+        "machine": machine(),
+        "metrics": {m: summarize([s["final_eval"][m] for s in summaries.values()]) for m in names},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"Seeds {args.seeds}: mean ± std [95% CI]", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {m} | {s['mean']:.4f} ± {s['std']:.4f} [{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}] |" for m, s in result["metrics"].items()]
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":
+    main()
