@@ -128,3 +128,16 @@ def test_qlora_finetune_runs_with_evaluations(tmp_path, saved):
     assert len(losses) == 4 and losses[3] < losses[2]  # still learning after the evaluation at step 2
     assert summary["finetune"]["adapter"] == "qlora"
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "run" / "final").iterdir()}
+
+
+def test_importance_is_measured_through_4bit_weights(saved):
+    """Rank allocation reads gradients from hooks, so a 4-bit base (whose weights have no .grad) works."""
+    from trainers.rank_allocation import measure_importance
+
+    model = load_4bit(HybridMambaForCausalLM, str(saved / "hybrid"), torch.float32)
+    targets = resolve_targets(model, None)
+    ids = torch.randint(3, 512, (2, 11))
+    spectra = measure_importance(model, [{"input_ids": ids, "labels": ids}], targets)
+    four_bit = {n for n, _ in linear_4bit_modules(model)}
+    assert four_bit and four_bit <= set(spectra) and all(s[0] > 0 for s in spectra.values())
+    check_not_repacked(model)

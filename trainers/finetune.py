@@ -217,7 +217,11 @@ def main(argv=None) -> dict:
         logger.info("%s %s: %d trainable parameters of %d; %d train / %d validation examples; %d malformed records skipped",
                     args.task, args.adapter, trainable, sum(p.numel() for p in model.parameters()),
                     len(train_ds), len(val_ds), len(info["malformed_records"]))
+    if accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
     summary = train(args, accelerator, model, train_ds, val_ds, collate_fn, tokenizer, eval_fn)
+    if accelerator.device.type == "cuda":  # the QLoRA memory figure the issue asks for, per process
+        finetune["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
     summary["finetune"] = finetune
     if accelerator.is_main_process:
         out = Path(args.output_dir)
