@@ -317,3 +317,14 @@ def test_shipped_configs_parse():
     for path in sorted((Path(__file__).resolve().parents[1] / "trainers" / "configs").glob("finetune_*.yaml")):
         args = parse_args(FinetuneArgs, ["--config", str(path)])
         assert args.task in ("chat", "classification") and args.adapter in ("lora", "qlora")
+
+
+def test_seed_statistics():
+    from trainers.stats import paired, summarize
+
+    s = summarize([1.0, 2.0, 3.0])
+    assert (s["mean"], s["std"], s["n"]) == (2.0, 1.0, 3)
+    assert s["ci95"] == pytest.approx([2 - 4.302653 / 3**0.5, 2 + 4.302653 / 3**0.5])  # t(0.975, 2 dof)
+    assert math.isnan(summarize([0.5])["std"])
+    p = paired([0.1, -0.2, 0.0, 0.3])
+    assert (p["above"], p["below"], p["zero"]) == (2, 1, 1) and 0 < p["wilcoxon_p"] <= 1

@@ -18,7 +18,8 @@ is peft's `rank_pattern`, with `alpha_pattern` keeping lora_alpha / r the same f
 
 compares both arms across seeds (one fine-tuning run per arm and seed through trainers/finetune.py;
 flags it does not know go to every run) and writes OUT/rank_allocation.{json,md} with mean, std,
-95% interval per arm and of the paired per-seed differences; the runs go under OUT/runs/.
+95% interval per arm, and of the paired per-seed differences with their signs and a Wilcoxon
+signed-rank p-value; the runs go under OUT/runs/.
 """
 
 import argparse
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .peft_targets import lora_parameter_count, target_module_names
-from .stats import summarize
+from .stats import paired, summarize
 from .sweep import float_metrics, machine, run_seed
 
 logger = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def main(argv=None) -> dict:
     }
     # paired differences (importance - uniform) per seed: the seeds share data order and head init
     result["difference"] = {
-        m: summarize([runs["importance"][s]["final_eval"][m] - runs["uniform"][s]["final_eval"][m] for s in args.seeds])
+        m: paired([runs["importance"][s]["final_eval"][m] - runs["uniform"][s]["final_eval"][m] for s in args.seeds])
         for m in metric_names
     }
     (out / "rank_allocation.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -176,12 +177,14 @@ def markdown(result: dict) -> str:
         f"Seeds {result['seeds']}; mean ± std (95% CI). LoRA parameters: "
         + ", ".join(f"{arm} {result['arms'][arm]['lora_parameters']}" for arm in result["arms"]),
         "",
-        "| metric | uniform | importance | importance - uniform (paired) |",
-        "|---|---|---|---|",
+        "| metric | uniform | importance | importance - uniform (paired) | seeds above / below / at zero | Wilcoxon p |",
+        "|---|---|---|---|---|---|",
     ]
     fmt = lambda s: f"{s['mean']:.4f} ± {s['std']:.4f} [{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]"  # noqa: E731
     for m in metrics:
-        lines.append(f"| {m} | {fmt(result['arms']['uniform']['metrics'][m])} | {fmt(result['arms']['importance']['metrics'][m])} | {fmt(result['difference'][m])} |")
+        d = result["difference"][m]
+        lines.append(f"| {m} | {fmt(result['arms']['uniform']['metrics'][m])} | {fmt(result['arms']['importance']['metrics'][m])} "
+                     f"| {fmt(d)} | {d['above']} / {d['below']} / {d['zero']} | {d['wilcoxon_p']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
