@@ -1,6 +1,7 @@
 """Fine-tuning with peft on CPU: targets, gradients, merging, adapter save/load, chat masking,
 malformed records, classification metrics and learning, rank allocation, offline GLUE."""
 
+import copy
 import json
 import logging
 import math
@@ -129,7 +130,21 @@ def test_merge_and_unload_matches_the_adapted_model(cls):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_chat_masking_puts_loss_only_on_assistant_tokens(tokenizer):
+CHATML_WITH_GENERATION = (  # the form of data_scripts' tokenizer template
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template, expected", [
+    (None, "2 plus 3 is 5.</s>\nenots</s>\n"),  # spans from template prefixes: answer, end of turn, newline
+    (CHATML_WITH_GENERATION, "2 plus 3 is 5.<|im_end|>enots<|im_end|>"),  # the template's {% generation %} marks
+])
+def test_chat_masking_puts_loss_only_on_assistant_tokens(tokenizer, template, expected):
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = template or tokenizer.chat_template
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "What is 2 plus 3?"},
@@ -142,7 +157,7 @@ def test_chat_masking_puts_loss_only_on_assistant_tokens(tokenizer):
     assert tokenizer.decode(ids) == tokenizer.apply_chat_template(messages, tokenize=False)
     kept = [t for t, label in zip(ids, labels) if label != -100]
     assert all(label in (-100, t) for t, label in zip(ids, labels))
-    assert tokenizer.decode(kept) == "2 plus 3 is 5.</s>\nenots</s>\n"  # the answers and their end-of-turn, nothing else
+    assert tokenizer.decode(kept) == expected  # the answers and their end of turn, nothing else
     runs = "".join("a" if label != -100 else "." for label in labels)
     assert runs.count(".a") == 2  # two separate assistant spans
     # the model's loss is the mean over exactly those tokens

@@ -5,11 +5,13 @@ One record per line:
     {"messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."},
                   {"role": "assistant", "content": "..."}, ...]}
 
-Only assistant tokens are trained on: everything an assistant turn adds after the generation prompt
-(its content and the end-of-turn marker) keeps its label, every other token gets -100. The spans
-come from rendering the template on prefixes of the conversation (the text of the first i messages
-plus the generation prompt is where assistant message i starts) and the tokenizer's offset mapping,
-so any prefix-stable template works, not only templates with `{% generation %}` markers.
+Only assistant tokens are trained on; every other token gets the label -100. A template that marks
+assistant text with `{% generation %}` (the ChatML template of data_scripts' tokenizers does) says
+exactly which tokens those are (`return_assistant_tokens_mask`). Otherwise the spans come from
+rendering the template on prefixes of the conversation (the text of the first i messages plus the
+generation prompt is where assistant message i starts; everything the turn adds after it, its
+content and end-of-turn marker, is trained on) and the tokenizer's offset mapping, so any
+prefix-stable template works.
 
 Malformed records (bad JSON, missing or unknown roles, empty content, no assistant turn, nothing
 left to train on after truncation) are skipped and reported as `file:line: reason`; a file with no
@@ -18,6 +20,7 @@ usable record is an error.
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -113,8 +116,15 @@ def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tup
     return text, spans
 
 
+GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
 def tokenize_chat(tokenizer, messages: list[dict], max_seq_len: int) -> dict:
     """input_ids (T,) and labels (T,): labels are the ids on assistant tokens, -100 elsewhere."""
+    if GENERATION_MARKER.search(tokenizer.chat_template or ""):
+        enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids, mask = enc["input_ids"][:max_seq_len], enc["assistant_masks"][:max_seq_len]
+        return {"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]}
     text, spans = assistant_char_spans(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"][:max_seq_len], enc["offset_mapping"][:max_seq_len]
