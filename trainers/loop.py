@@ -257,6 +257,10 @@ def train(args: TrainArgs, accelerator: Accelerator, model, train_ds, val_ds, co
         while True:
             sampler.set_epoch(state.epoch)
             loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch) if state.batches_in_epoch else train_loader
+            # accelerate's loaders reset their sampler's epoch from their own iteration counter when
+            # iterated (0 for a fresh loader): without this, a resumed run replays epoch 0's order
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(state.epoch)
             for batch in loader:
                 state.batches_in_epoch += 1
                 yield batch
