@@ -67,6 +67,7 @@ def run_finetune(tmp_path, base, **overrides):
     cfg = {"base_model": str(base), "output_dir": str(tmp_path / "run"), "micro_batch_size": 8, "max_steps": 6,
            "warmup_steps": 1, "learning_rate": 1e-2, "weight_decay": 0.0, "eval_every": 3, "checkpoint_every": 3,
            "log_every": 1, "lora_r": 4, "lora_alpha": 8, **overrides}
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "finetune.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return finetune.main(["--config", str(path)])
@@ -343,3 +344,46 @@ def test_seed_statistics():
     assert math.isnan(summarize([0.5])["std"])
     p = paired([0.1, -0.2, 0.0, 0.3])
     assert (p["above"], p["below"], p["zero"]) == (2, 1, 1) and 0 < p["wilcoxon_p"] <= 1
+
+
+@pytest.mark.parametrize("adapter", ["lora", "qlora"])
+def test_interrupted_adapter_run_resumes_to_the_same_losses(tmp_path, base, monkeypatch, adapter):
+    if adapter == "qlora":
+        pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes")
+    train_file, val_file = chat_files(tmp_path)
+    # 24 conversations, 3 batches an epoch: killed at step 5 (epoch 1), resumed from step 4 (one batch of
+    # epoch 1 to skip), then on into epoch 2: every data order must be the uninterrupted run's
+    common = dict(task="chat", adapter=adapter, train_file=str(train_file), validation_file=str(val_file),
+                  max_steps=7, eval_every=2, checkpoint_every=2)
+    run_finetune(tmp_path / "a", base, **common)  # uninterrupted
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    real_load = finetune.load_base
+
+    def crash_at_step_5(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        forward, steps = model.forward, []
+
+        def counted(*a, **k):
+            if model.training:
+                steps.append(1)
+                if len(steps) == 5:
+                    raise InterruptedError("killed at step 5")
+            return forward(*a, **k)
+
+        model.forward = counted
+        return model
+
+    monkeypatch.setattr(finetune, "load_base", crash_at_step_5)
+    with pytest.raises(InterruptedError):
+        run_finetune(tmp_path / "b", base, **common)
+    monkeypatch.setattr(finetune, "load_base", real_load)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    run_finetune(tmp_path / "b", base, **common)  # resumes from checkpoints/step_00000004
+
+    def losses(root):
+        rows = [json.loads(r) for r in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+        return [r.get("loss", r.get("val_loss")) for r in rows]
+
+    assert len(losses(tmp_path / "b")) == 11  # 7 training rows, 4 evaluations: no row twice
+    assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), abs=1e-6)
