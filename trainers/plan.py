@@ -163,12 +163,12 @@ def activation_bytes_per_token(config, kind: str, seq_len: int, act_bytes: int, 
         C = math.ceil(T / L)
         r = C * L / T  # padded tokens per token
         saved = norm
-        if not (low and packed):  # in_proj output [z, xBC, dt], kept whole by the views nn.Conv1d or silu(z) save
-            saved += a * (2 * E + 2 * G * N + H)
-        if packed:  # reference conv with segment ids: left-padded copy, a (B, 1, T) mask per tap, the sum
-            saved += a * conv * (T + K - 1) / T + K * a + a * conv
-        else:  # nn.Conv1d output (B, conv_dim, T + K - 1), sliced before silu
-            saved += a * conv * (T + K - 1) / T
+        saved += a * (2 * E + 2 * G * N + H)  # in_proj output [z, xBC, dt], kept whole by the views the conv and silu(z) save
+        # The conv as K shifted multiply-adds: the left-padded copy (B, conv_dim, T + K - 1), whose
+        # slices the taps save, and the sum (silu's input); with segment ids also each tap's (B, 1, T) mask.
+        saved += a * conv * (T + K - 1) / T + a * conv
+        if packed:
+            saved += (K - 1) * a
         # silu(conv) in fp32, of which x, B, C are views; the scan's fp32 copy of x under bf16 or padding
         saved += f * E * r if (low or r > 1) else f * conv
         # dt + bias, softplus, clamp (B, T, H); per chunk exp(decay to chunk end), that * dt, exp(cumsum)
@@ -194,10 +194,9 @@ def activation_bytes_per_token(config, kind: str, seq_len: int, act_bytes: int, 
         E, N, R, K = config.mamba_d_inner, config.mamba_d_state, config.mamba_dt_rank, config.mamba_d_conv
         chunk = inspect.signature(selective_scan_ref).parameters["chunk_size"].default  # the mixer calls it with the default
         saved = norm + a * 2 * E  # in_proj output [x, z]
+        saved += a * E * (T + K - 1) / T + a * E  # the conv's padded copy and its sum (see mamba2)
         if packed:
-            saved += a * E * (T + K - 1) / T + K * a + a * E
-        else:
-            saved += a * E * (T + K - 1) / T
+            saved += (K - 1) * a
         saved += a * E + a * (R + 2 * N)  # x_proj's contiguous input, its output [dt, B, C]
         saved += 4 * f * E  # dt_proj output in fp32, softplus(dt), u = silu(conv) in fp32, dt * u
         saved += a * N + (f * N if low else 0)  # C per chunk for the einsum; B's fp32 copy under bf16
