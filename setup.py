@@ -33,7 +33,8 @@ extras_require = {
     # CUDA kernels: used when importable on a CUDA device, the pure-torch path is the fallback.
     # bitsandbytes: QLoRA (trainers/finetune.py adapter: qlora); on CPU `pip install bitsandbytes` alone.
     "cuda": ["mamba-ssm>=2.2", "causal-conv1d>=1.4", "flash-attn>=2.6", "bitsandbytes>=0.45"],
-    "dev": ["pytest>=8", "matplotlib>=3.8"],
+    # bitsandbytes runs 4-bit/8-bit on CPU too: in dev so the QLoRA guard tests run everywhere.
+    "dev": ["pytest>=8", "matplotlib>=3.8", "bitsandbytes>=0.45"],
 }
 
 setup(
