@@ -1,0 +1,60 @@
+"""Refuse to publish anything that looks like a credential.
+
+Every file about to be published (and every input file the card is built from) is checked: files
+named like environment files (`.env`, `.env.local`, `prod.env`), and text files holding token-shaped
+strings (Hugging Face, AWS, GitHub, OpenAI-style keys, private-key blocks) or the value of `HF_TOKEN`
+itself. Binary weight files are skipped: their bytes are numbers, not text.
+"""
+
+import os
+import re
+from pathlib import Path
+
+TOKEN_PATTERNS = {
+    "Hugging Face token": re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"),
+    "AWS access key id": re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
+    "private key": re.compile(r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----"),
+    "GitHub token": re.compile(r"\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36,}\b|\bgithub_pat_[A-Za-z0-9_]{40,}\b"),
+    "API secret key": re.compile(r"\bsk-(?:proj-)?[A-Za-z0-9_-]{32,}\b"),
+}
+BINARY_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".png", ".jpg", ".jpeg", ".gif", ".pkl", ".arrow", ".parquet", ".npy", ".npz"}
+
+
+class CredentialError(ValueError):
+    """A file about to be published looks like it holds a credential."""
+
+
+def _is_env_file(path: Path) -> bool:
+    name = path.name.lower()
+    return name == ".env" or name.startswith(".env.") or name.endswith(".env")
+
+
+def find_credential(path: Path) -> str | None:
+    """What in `path` looks like a credential (a short reason), or None. Never returns the secret itself."""
+    if _is_env_file(path):
+        return "an environment file (.env)"
+    if path.suffix.lower() in BINARY_SUFFIXES:
+        return None
+    data = path.read_bytes()
+    if b"\0" in data[:8192]:
+        return None
+    text = data.decode("utf-8", errors="replace")
+    for what, pattern in TOKEN_PATTERNS.items():
+        if pattern.search(text):
+            return f"a {what}-shaped string"
+    token = os.environ.get("HF_TOKEN", "")
+    if len(token) >= 8 and token in text:
+        return "the value of HF_TOKEN"
+    return None
+
+
+def check_no_credentials(paths) -> None:
+    """Raise CredentialError naming the first file (under any of `paths`, files or folders) that looks like a credential."""
+    for root in paths:
+        root = Path(root)
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and ".git" not in p.relative_to(root).parts)
+        for file in files:
+            reason = find_credential(file)
+            if reason:
+                raise CredentialError(f"refusing to publish: {file} looks like it holds a credential ({reason}). "
+                                      "Remove it; credentials come from the environment (HF_TOKEN) only.")

