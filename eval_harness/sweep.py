@@ -305,6 +305,7 @@ def sweep(args: SweepArgs) -> dict:
         logger.error("cell %s / %s / seed %d: %s", e["model"], e["task"], e["seed"], e["error"])
     agg = aggregate(cells)
     summary = {
+        "format": "hybrid_mamba.sweep/1",
         "models": args.models,
         "tasks": tasks,
         "seeds": {"values": args.seeds, "sets": ["random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed"]},
