@@ -9,6 +9,10 @@ PIP_C := $(if $(TORCH_CONSTRAINT),-c $(TORCH_CONSTRAINT),)
 PYTEST_ARGS ?=
 DEMO_DATA ?= data/demo
 DEMO_RUN ?= runs/tiny
+DEMO_REPO ?= runs/tiny-repo
+# lm-eval results and the speed benchmark go into the demo card when present
+DEMO_EVAL ?= results/demo_eval
+DEMO_BENCH ?= docs/results/bench_speed.json
 
 .PHONY: install test demo bench clean-venv
 
@@ -36,6 +40,11 @@ demo: $(VENV)/.installed
 	HF_DATASETS_OFFLINE=1 $(VENV)/bin/lm_eval --model hf --model_args pretrained=$(DEMO_RUN)/final,trust_remote_code=True \
 		--tasks demo_heldout --include_path eval_harness/tasks --device cpu --batch_size 4 --limit 16 \
 		--output_path $(or $(DEMO_EVAL),results/demo_eval)
+	$(PY) -m hub_cards.publish --model $(DEMO_RUN)/final --to $(DEMO_REPO) --data $(DEMO_DATA) \
+		--train-config trainers/configs/tiny.yaml --message "make demo: $(DEMO_RUN)/final" \
+		$(if $(wildcard $(DEMO_EVAL)),--eval $(DEMO_EVAL)) $(if $(wildcard $(DEMO_BENCH)),--bench $(DEMO_BENCH))
+	$(PY) -m hub_cards.reload --repo $(DEMO_REPO) --clone $(DEMO_REPO)-clone
+	@echo "data: $(DEMO_DATA)  run: $(DEMO_RUN)  published repo: $(DEMO_REPO) (card: $(DEMO_REPO)/README.md)  clone: $(DEMO_REPO)-clone"
 
 # The CPU speed benchmark of the model against Bamba and Llama (about 4 minutes).
 bench: $(VENV)/.installed

@@ -287,3 +287,12 @@ def test_fresh_clone_loads_without_this_repo_and_runs_lm_eval(run_dir, tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     results = read_lm_eval_results(tmp_path / "lm_eval_out")  # the card reads lm-eval's own output
     assert set(results) == {"tiny_task"} and 0.0 <= results["tiny_task"]["acc"][0] <= 1.0
+
+
+def test_reload_generates_from_a_clone_in_a_process_without_this_repo(run_dir, tmp_path):
+    from hub_cards.reload import reload
+
+    pub.publish(_args(run_dir, tmp_path / "tiny-repo", eval=None, bench=None))
+    module, sample = reload(str(tmp_path / "tiny-repo"), tmp_path / "clone", "the of", 5)
+    assert module.startswith("transformers_modules.") and sample.startswith("the of")
+    assert (tmp_path / "clone" / "README.md").is_file()

@@ -1,0 +1,71 @@
+"""Clone a published git repo and load it in a fresh process that cannot import this repository.
+
+    python -m hub_cards.reload --repo runs/tiny-repo --clone runs/tiny-repo-clone [--prompt TEXT] [--tokens N]
+
+The child process blocks this repo's packages (configuration, modeling, trainers, data_scripts,
+eval_harness, hub_cards), runs outside it without PYTHONPATH, loads model and tokenizer with
+trust_remote_code=True from the clone and prints a greedy sample: what a user of the repo gets.
+"""
+
+import argparse
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+REPO_PACKAGES = ("configuration", "modeling", "trainers", "data_scripts", "eval_harness", "hub_cards")
+CHILD = """
+import importlib.abc, sys
+class BlockRepo(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in PACKAGES:
+            raise ImportError(name + " is blocked: the published repo must load without this repository")
+sys.meta_path.insert(0, BlockRepo())
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+clone, prompt, tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
+model = AutoModelForCausalLM.from_pretrained(clone, trust_remote_code=True).eval()
+tok = AutoTokenizer.from_pretrained(clone, trust_remote_code=True)
+ids = tok(prompt, return_tensors="pt")
+with torch.no_grad():
+    out = model.generate(**ids, max_new_tokens=tokens, do_sample=False)
+print(type(model).__module__)
+print(tok.decode(out[0], skip_special_tokens=True))
+"""
+
+
+def reload(repo: str, clone: Path, prompt: str, tokens: int) -> tuple[str, str]:
+    """Clone `repo` into `clone` (replacing an earlier clone), load and generate in a fresh process; (module, sample)."""
+    if clone.exists():
+        shutil.rmtree(clone)
+    subprocess.run(["git", "clone", "-q", repo, str(clone)], check=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory() as elsewhere:
+        run = subprocess.run([sys.executable, "-c", CHILD.replace("PACKAGES", repr(REPO_PACKAGES)), str(clone.resolve()), prompt, str(tokens)],
+                             cwd=elsewhere, env=env, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"loading the clone {clone} in a fresh process failed:\n{run.stderr[-3000:]}")
+    module, sample = run.stdout.split("\n", 1)
+    return module, sample.strip()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repo", required=True, help="The published git repo (path or URL).")
+    parser.add_argument("--clone", type=Path, required=True, help="Where to clone it (replaced if present).")
+    parser.add_argument("--prompt", default="To be, or not to be", help="Prompt of the sample.")
+    parser.add_argument("--tokens", type=int, default=40, help="Greedy tokens to generate.")
+    args = parser.parse_args(argv)
+    module, sample = reload(args.repo, args.clone, args.prompt, args.tokens)
+    print(f"cloned {args.repo} into {args.clone}; loaded in a fresh process without this repo (classes from {module})")
+    print(f"sample: {sample!r}")
+
+
+if __name__ == "__main__":
+    main()
