@@ -44,7 +44,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from transformers import BambaConfig, BambaForCausalLM, HfArgumentParser, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    BambaConfig,
+    BambaForCausalLM,
+    HfArgumentParser,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Mamba2Config,
+    Mamba2ForCausalLM,
+)
 
 from configuration import HybridMambaConfig
 from modeling import HybridMambaForCausalLM
@@ -52,6 +60,10 @@ from modeling import HybridMambaForCausalLM
 logger = logging.getLogger(__name__)
 
 MODEL_CLASSES = {"ours": HybridMambaForCausalLM, "bamba": BambaForCausalLM, "llama": LlamaForCausalLM}
+# Baselines beyond bench_speed's default pair (eval_harness.bench --baselines).
+ALL_CLASSES = {**MODEL_CLASSES, "mamba2": Mamba2ForCausalLM}
+# Mamba2ForCausalLM takes and returns its cache as cache_params, the others as past_key_values.
+CACHE_ARG = {"mamba2": "cache_params"}
 
 # The benchmarked size. Bamba's and Llama's configs are derived from the config built from this.
 BENCH_CONFIG = dict(
@@ -114,10 +126,13 @@ class BenchArgs:
 # ----------------------------------------------------------------------------------------------
 
 
-def matched_configs(ours: HybridMambaConfig) -> dict:
-    """Configs of ours, Bamba and Llama with the sizes of `ours` (Bamba: same layer layout too)."""
+def matched_configs(ours: HybridMambaConfig, baselines: tuple[str, ...] = ("bamba", "llama")) -> dict:
+    """Configs of ours and each baseline (bamba, llama) with the sizes of `ours` (Bamba: same layer layout too)."""
+    choices = set(ALL_CLASSES) - {"ours"}
+    if set(baselines) - choices:
+        raise ValueError(f"unknown baselines {sorted(set(baselines) - choices)}: choose from {sorted(choices)}")
     n = ours.num_hidden_layers
-    if any(ours.mixer_type(i) == "mamba1" for i in range(n)):
+    if "bamba" in baselines and any(ours.mixer_type(i) == "mamba1" for i in range(n)):
         raise ValueError("Bamba has only Mamba-2 and attention layers: benchmark a config without Mamba-1 layers.")
     common = dict(
         vocab_size=ours.vocab_size,
@@ -144,12 +159,29 @@ def matched_configs(ours: HybridMambaConfig) -> dict:
         mamba_proj_bias=ours.mamba_proj_bias,
         time_step_limit=ours.mamba_dt_limit,
     )
-    return {"ours": ours, "bamba": bamba, "llama": LlamaConfig(**common)}
+    # Mamba2ForCausalLM: every layer a Mamba-2 mixer with our head count, head size, state and groups;
+    # it has no MLP, so only hidden size, depth and vocabulary match.
+    mamba2 = Mamba2Config(
+        vocab_size=ours.vocab_size,
+        hidden_size=ours.hidden_size,
+        num_hidden_layers=n,
+        num_heads=ours.mamba_n_heads,
+        head_dim=ours.mamba_head_dim,
+        state_size=ours.mamba_d_state,
+        n_groups=ours.mamba_n_groups,
+        expand=ours.mamba_expand,
+        conv_kernel=ours.mamba_d_conv,
+        chunk_size=ours.mamba_chunk_size,
+        layer_norm_epsilon=ours.rms_norm_eps,
+        tie_word_embeddings=ours.tie_word_embeddings,
+    )
+    configs = {"ours": ours, "bamba": bamba, "llama": LlamaConfig(**common), "mamba2": mamba2}
+    return {name: configs[name] for name in ("ours", *baselines)}
 
 
-def build_model(name: str, config, seed: int):
+def build_model(name: str, config, seed: int, device: str = "cpu"):
     torch.manual_seed(seed)
-    return MODEL_CLASSES[name](config).eval()
+    return ALL_CLASSES[name](config).to(device).eval()
 
 
 def random_ids(vocab_size: int, shape: tuple, seed: int) -> torch.Tensor:
@@ -168,17 +200,29 @@ def train_step(model, optimizer, batch):
 # ----------------------------------------------------------------------------------------------
 
 
-def _timed(fn) -> float:
+def _timed(fn, device: torch.device | None = None) -> float:
+    """Seconds of fn(): CUDA events on a CUDA device (the GPU's own clock), perf_counter otherwise."""
+    if device is not None and device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def _device(models: dict) -> torch.device:
+    return next(next(iter(models.values())).parameters()).device
 
 
 def _round_robin(models: dict, reps: int, warmup: int, call, label: str) -> dict[str, list[float]]:
     """Seconds of `call(name, model)` per model; every repetition runs each model once, in turn."""
     times = {name: [] for name in models}
     for rep in range(warmup + reps):
-        step = {name: _timed(lambda: call(name, model)) for name, model in models.items()}
+        step = {name: _timed(lambda: call(name, model), _device(models)) for name, model in models.items()}
         if rep >= warmup:
             for name, dt in step.items():
                 times[name].append(dt)
@@ -188,7 +232,7 @@ def _round_robin(models: dict, reps: int, warmup: int, call, label: str) -> dict
 
 
 def measure_training(models: dict, plan: Plan, seed: int) -> dict:
-    batch = random_ids(next(iter(models.values())).config.vocab_size, (plan.train_batch, plan.train_seq), seed)
+    batch = random_ids(next(iter(models.values())).config.vocab_size, (plan.train_batch, plan.train_seq), seed).to(_device(models))
     optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-4) for name, model in models.items()}
     for model in models.values():
         model.train()
@@ -213,7 +257,7 @@ def measure_prefill(models: dict, plan: Plan, seed: int) -> dict:
     vocab = next(iter(models.values())).config.vocab_size
     results = {}
     for length, reps in zip(plan.prefill_lengths, plan.prefill_reps, strict=True):
-        ids = random_ids(vocab, (1, length), seed + length)
+        ids = random_ids(vocab, (1, length), seed + length).to(_device(models))
         times = _round_robin(
             models, reps, plan.warmup, lambda name, m: m(input_ids=ids, use_cache=False, logits_to_keep=1), f"prefill {length}"
         )
@@ -228,24 +272,36 @@ def measure_decode(models: dict, plan: Plan, seed: int) -> dict:
     n_steps = plan.decode_warmup + plan.decode_steps
     results = {}
     for prompt_len in plan.decode_prompts:
-        prompt = random_ids(vocab, (1, prompt_len), seed + prompt_len)
-        tokens = random_ids(vocab, (1, n_steps), seed + prompt_len + 1)
-        caches = {name: m(input_ids=prompt, use_cache=True, logits_to_keep=1).past_key_values for name, m in models.items()}
+        dev = _device(models)
+        prompt = random_ids(vocab, (1, prompt_len), seed + prompt_len).to(dev)
+        tokens = random_ids(vocab, (1, n_steps), seed + prompt_len + 1).to(dev)
+        caches, ttft = {}, {}
+        for name, m in models.items():
+            # time to first token: the prompt's prefill with a cache, up to the first token's id
+            def first(m=m, name=name):
+                out = m(input_ids=prompt, use_cache=True, logits_to_keep=1)
+                out.logits[:, -1].argmax(-1)
+                caches[name] = out[CACHE_ARG.get(name, "past_key_values")]
+
+            ttft[name] = _timed(first, dev)
         times = {name: [] for name in models}
         for i in range(n_steps):
             # position_ids given: Bamba does not derive them from the cache
-            step = dict(input_ids=tokens[:, i : i + 1], position_ids=torch.tensor([[prompt_len + i]]), use_cache=True)
+            step = dict(input_ids=tokens[:, i : i + 1], position_ids=torch.tensor([[prompt_len + i]], device=dev), use_cache=True)
             for name, model in models.items():
-                t0 = time.perf_counter()
-                caches[name] = model(past_key_values=caches[name], **step).past_key_values
+                def one(model=model, name=name):
+                    arg = CACHE_ARG.get(name, "past_key_values")
+                    caches[name] = model(**{arg: caches[name]}, **step)[arg]
+
+                dt = _timed(one, dev)
                 if i >= plan.decode_warmup:
-                    times[name].append(time.perf_counter() - t0)
+                    times[name].append(dt)
         del caches
         gc.collect()
         results[str(prompt_len)] = {}
         for name, ts in times.items():
             p50, p95, p99 = np.percentile(ts, [50, 95, 99]).tolist()
-            results[str(prompt_len)][name] = {"step_s": ts, "p50_s": p50, "p95_s": p95, "p99_s": p99}
+            results[str(prompt_len)][name] = {"step_s": ts, "p50_s": p50, "p95_s": p95, "p99_s": p99, "ttft_s": ttft[name]}
         logger.info(
             "decode after %d: p50 %s", prompt_len, ", ".join(f"{n} {r['p50_s'] * 1e3:.1f} ms" for n, r in results[str(prompt_len)].items())
         )
@@ -287,6 +343,34 @@ def _training_memory_worker(name: str, config, plan: Plan, threads: int, seed: i
         "inherited_maxrss_mib": inherited / mib,
         "steps": plan.memory_steps,
     }
+
+
+def measure_cuda_training_memory(configs: dict, plan: Plan, seed: int, device: str) -> dict:
+    """torch.cuda.max_memory_allocated around `plan.memory_steps` training steps, one model at a time."""
+    mib = 2**20
+    results = {}
+    for name, config in configs.items():
+        gc.collect()
+        torch.cuda.empty_cache()
+        model = build_model(name, config, seed, device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        batch = random_ids(config.vocab_size, (plan.train_batch, plan.train_seq), seed).to(device)
+        torch.cuda.synchronize(device)
+        after_build = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(plan.memory_steps):
+            train_step(model, optimizer, batch)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        results[name] = {
+            "peak_over_build_mib": (peak - after_build) / mib,
+            "peak_allocated_mib": peak / mib,
+            "allocated_after_build_mib": after_build / mib,
+            "steps": plan.memory_steps,
+        }
+        logger.info("memory %s: peak allocated %.0f MiB, %.0f MiB over the built model", name, peak / mib, (peak - after_build) / mib)
+        del model, optimizer, batch
+    return results
 
 
 def measure_training_memory(configs: dict, plan: Plan, threads: int, seed: int) -> dict:
@@ -339,13 +423,14 @@ def machine_info(threads: int) -> dict:
 
 
 def _table(title: str, note: str, key: str, rows: list[tuple[str, dict]], fmt: str, ratios: bool = True) -> list[str]:
-    names = list(MODEL_CLASSES)
-    head = [key, *names] + (["ours/bamba", "ours/llama"] if ratios else [])
+    names = list(rows[0][1])
+    baselines = [n for n in names if n != "ours"]
+    head = [key, *names] + ([f"ours/{b}" for b in baselines] if ratios else [])
     lines = [f"## {title}", "", note, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, values in rows:
         cells = [label] + [format(values[n], fmt) for n in names]
         if ratios:
-            cells += [f"{values['ours'] / values[other]:.2f}" for other in ("bamba", "llama")]
+            cells += [f"{values['ours'] / values[other]:.2f}" for other in baselines]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -353,11 +438,12 @@ def _table(title: str, note: str, key: str, rows: list[tuple[str, dict]], fmt: s
 def to_markdown(results: dict) -> str:
     m, p = results["machine"], results["plan"]
     lines = [
-        "# CPU speed: HybridMamba vs Bamba vs Llama",
+        f"# Speed ({m.get('device', 'cpu')}): " + " vs ".join(results["parameters"]),
         "",
         f"`{results['command']}` on {m['cpu']} ({m['platform']}), {m['threads']} threads, "
         f"torch {m['torch']}, transformers {m['transformers']}, {m['date']}, commit {m['git_commit']}.",
-        "fp32, random init, matched sizes; warmup iterations excluded.",
+        "fp32, random init, matched sizes; warmup iterations excluded"
+        + ("; CUDA events and max_memory_allocated." if m.get("device", "cpu").startswith("cuda") else "."),
         "",
     ]
     lines += _table("Parameters", "Counted once per tensor.", "", [("parameters", results["parameters"])], ",", ratios=False)
@@ -391,7 +477,27 @@ def to_markdown(results: dict) -> str:
         rows,
         ".2f",
     )
+    first = next(iter(results["decode"].values()), {})
+    if first and "ttft_s" in next(iter(first.values())):
+        lines += _table(
+            "Time to first token (ms, lower is better)",
+            "Batch 1, no grad: the prompt's prefill with use_cache=True up to the first token's id. "
+            "Ratios are of times: below 1 means ours is faster.",
+            "prompt",
+            [(prompt_len, {n: r["ttft_s"] * 1e3 for n, r in by_model.items()}) for prompt_len, by_model in results["decode"].items()],
+            ".1f",
+        )
     mem = results["memory"]
+    if "peak_allocated_mib" in next(iter(mem.values())):
+        lines += _table(
+            "Training step peak memory (MiB, lower is better)",
+            f"torch.cuda.max_memory_allocated over {p['memory_steps']} training steps at batch {p['train_batch']} x "
+            f"{p['train_seq']}; 'over model' subtracts the memory allocated after building the model.",
+            "peak allocated",
+            [("over model", {n: r["peak_over_build_mib"] for n, r in mem.items()}), ("absolute", {n: r["peak_allocated_mib"] for n, r in mem.items()})],
+            ".0f",
+        )
+        return "\n".join(lines)
     lines += _table(
         "Training step peak memory (MiB, lower is better)",
         f"One fresh process per model, {p['memory_steps']} training steps at batch {p['train_batch']} x {p['train_seq']}. "
@@ -410,9 +516,21 @@ def write_atomic(path: Path, text: str):
     os.replace(tmp, path)
 
 
-def run_benchmark(ours_config: HybridMambaConfig, plan: Plan, out: Path, threads: int, seed: int = 0, command: str = "") -> dict:
-    """Every measurement, in one process (memory in subprocesses); writes and returns the results."""
-    configs = matched_configs(ours_config)
+def run_benchmark(
+    ours_config: HybridMambaConfig,
+    plan: Plan,
+    out: Path,
+    threads: int,
+    seed: int = 0,
+    command: str = "",
+    baselines: tuple[str, ...] = ("bamba", "llama"),
+    device: str = "cpu",
+    stem: str = "bench_speed",
+) -> dict:
+    """Every measurement, in one process (CPU memory in subprocesses); writes OUT/STEM.json and .md."""
+    configs = matched_configs(ours_config, tuple(baselines))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for but CUDA is not available")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -421,15 +539,19 @@ def run_benchmark(ours_config: HybridMambaConfig, plan: Plan, out: Path, threads
     try:
         results = {
             "command": command or " ".join(["python -m eval_harness.bench_speed", *sys.argv[1:]]),
-            "machine": machine_info(threads),
+            "machine": {**machine_info(threads), "device": device}
+            | ({"gpu": torch.cuda.get_device_name(device)} if device.startswith("cuda") else {}),
             "plan": asdict(plan),
             # parse_constant: the time-step limits hold inf, which strict JSON lacks; keep it as a string
             "configs": {name: json.loads(cfg.to_json_string(), parse_constant=str) for name, cfg in configs.items()},
         }
         json.dumps(results, allow_nan=False)  # fail now, not after the run, on anything not JSON
         # Memory first, while this process is still small: children inherit its peak RSS.
-        results["memory"] = measure_training_memory(configs, plan, threads, seed)
-        models = {name: build_model(name, cfg, seed) for name, cfg in configs.items()}
+        if device.startswith("cuda"):
+            results["memory"] = measure_cuda_training_memory(configs, plan, seed, device)
+        else:
+            results["memory"] = measure_training_memory(configs, plan, threads, seed)
+        models = {name: build_model(name, cfg, seed, device) for name, cfg in configs.items()}
         results["parameters"] = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
         logger.info("parameters: %s", ", ".join(f"{n} {c / 1e6:.2f}M" for n, c in results["parameters"].items()))
         results["training"] = measure_training(models, plan, seed)
@@ -438,9 +560,9 @@ def run_benchmark(ours_config: HybridMambaConfig, plan: Plan, out: Path, threads
     finally:
         torch.set_num_threads(previous_threads)
     results["elapsed_s"] = time.perf_counter() - start
-    write_atomic(out / "bench_speed.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
-    write_atomic(out / "bench_speed.md", to_markdown(results) + "\n")
-    logger.info("wrote %s and %s in %.0f s", out / "bench_speed.json", out / "bench_speed.md", results["elapsed_s"])
+    write_atomic(out / f"{stem}.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
+    write_atomic(out / f"{stem}.md", to_markdown(results) + "\n")
+    logger.info("wrote %s and %s in %.0f s", out / f"{stem}.json", out / f"{stem}.md", results["elapsed_s"])
     return results
 
 

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from conftest import tiny_config
 
 from eval_harness import bench_speed
@@ -42,3 +44,38 @@ def test_bench_speed_writes_json_and_markdown(tmp_path, monkeypatch):
         assert title in md
     assert "| ours | bamba | llama | ours/bamba | ours/llama |" in md
     assert not list(out.glob("*.tmp"))
+
+
+def test_bench_any_baselines_ttft_and_plot(tmp_path, monkeypatch):
+    from eval_harness import bench
+
+    monkeypatch.setattr(
+        bench_speed,
+        "measure_training_memory",
+        lambda configs, plan, threads, seed: {
+            name: bench_speed._training_memory_worker(name, cfg, plan, threads, seed) for name, cfg in configs.items()
+        },
+    )
+    folder = tmp_path / "model"
+    bench_speed.HybridMambaForCausalLM(tiny_config(["mamba2", "attention"])).save_pretrained(folder)
+    config = bench.resolve_config(str(folder))
+    assert config.layer_types == ["mamba2", "attention"]
+    plan = Plan(
+        train_batch=1, train_seq=16, train_reps=1, memory_steps=1, prefill_lengths=(16, 24), prefill_reps=(1, 1),
+        decode_prompts=(8, 12), decode_steps=3, decode_warmup=1,
+    )
+    out = tmp_path / "bench"
+    results = run_benchmark(config, plan, out, threads=1, command="test", baselines=("mamba2", "llama"), stem="bench")
+    bench.plot(results, out / "bench.png")
+
+    data = json.loads((out / "bench.json").read_text())
+    assert list(data["parameters"]) == ["ours", "mamba2", "llama"]
+    assert data["machine"]["device"] == "cpu" and data["machine"]["threads"] == 1
+    assert data["decode"]["12"]["mamba2"]["ttft_s"] > 0 and len(data["decode"]["12"]["mamba2"]["step_s"]) == 3
+    md = (out / "bench.md").read_text()
+    assert "| ours | mamba2 | llama | ours/mamba2 | ours/llama |" in md and "## Time to first token" in md
+    assert (out / "bench.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="unknown baselines"):
+        bench.run(bench.BenchArgs(model=str(folder), baselines="gpt2"))
+    with pytest.raises(ValueError, match="neither a folder nor a preset"):
+        bench.resolve_config("no-such-preset")
