@@ -42,7 +42,7 @@ demo: $(VENV)/.installed
 		--output_path $(or $(DEMO_EVAL),results/demo_eval)
 	$(PY) -m hub_cards.publish --model $(DEMO_RUN)/final --to $(DEMO_REPO) --data $(DEMO_DATA) \
 		--train-config trainers/configs/tiny.yaml --message "make demo: $(DEMO_RUN)/final" \
-		$(if $(wildcard $(DEMO_EVAL)),--eval $(DEMO_EVAL)) $(if $(wildcard $(DEMO_BENCH)),--bench $(DEMO_BENCH))
+		$$(test -e "$(DEMO_EVAL)" && echo --eval $(DEMO_EVAL)) $$(test -e "$(DEMO_BENCH)" && echo --bench $(DEMO_BENCH))
 	$(PY) -m hub_cards.reload --repo $(DEMO_REPO) --clone $(DEMO_REPO)-clone
 	@echo "data: $(DEMO_DATA)  run: $(DEMO_RUN)  published repo: $(DEMO_REPO) (card: $(DEMO_REPO)/README.md)  clone: $(DEMO_REPO)-clone"
 

@@ -35,6 +35,7 @@ class CardInputs:
     metrics_path: Path | None = None
     eval_results: dict | None = None  # task -> {metric: (value, stderr)}
     eval_source: str | None = None
+    eval_documents: dict | None = None  # task -> (evaluated, in the task)
     bench: dict | None = None
     bench_source: str | None = None
     tags: list = field(default_factory=list)
@@ -60,6 +61,8 @@ def read_lm_eval_results(path: Path) -> dict:
                 raise ValueError(f"{file} is not an lm-eval results file (no 'results' mapping)")
             continue
         for task, metrics in data["results"].items():
+            if not isinstance(metrics, dict):
+                continue
             row = {}
             for key, value in metrics.items():
                 if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
@@ -72,6 +75,18 @@ def read_lm_eval_results(path: Path) -> dict:
     if not tasks:
         raise ValueError(f"no lm-eval results found in {path}")
     return tasks
+
+
+def read_lm_eval_documents(path: Path) -> dict:
+    """{task: (documents evaluated, documents in the task)} from lm-eval's n-samples (fewer when run with --limit)."""
+    path = Path(path)
+    docs = {}
+    for file in [path] if path.is_file() else sorted(path.rglob("*.json")):
+        data = json.loads(file.read_text())
+        for task, n in (data.get("n-samples") or {}).items() if isinstance(data, dict) else ():
+            if isinstance(n, dict) and "effective" in n:
+                docs[task] = (n["effective"], n.get("original"))
+    return docs
 
 
 def read_bench(path: Path) -> dict:
@@ -241,10 +256,13 @@ def _evaluation(inp: CardInputs) -> str:
         return "\n".join(lines + ["No evaluation results were given (`--eval` with lm-eval results JSON): this model "
                                   "has not been evaluated for this card.", ""])
     lines += [f"lm-evaluation-harness results read from `{inp.eval_source}`.", "",
-              "| task | metric | value | stderr |", "|---|---|---|---|"]
+              "| task | documents | metric | value | stderr |", "|---|---|---|---|---|"]
+    documents = inp.eval_documents or {}
     for task, metrics in sorted(inp.eval_results.items()):
+        n = documents.get(task)
+        shown = "not recorded" if n is None else f"{n[0]} of {n[1]}" if n[1] not in (None, n[0]) else str(n[0])
         for metric, (value, stderr) in metrics.items():
-            lines.append(f"| {task} | {metric} | {value:.4f} | {'-' if stderr is None else f'{stderr:.4f}'} |")
+            lines.append(f"| {task} | {shown} | {metric} | {value:.4f} | {'-' if stderr is None else f'{stderr:.4f}'} |")
     return "\n".join(lines + [""])
 
 

@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .card import CardInputs, build_card, read_bench, read_lm_eval_results, read_run_config
+from .card import CardInputs, build_card, read_bench, read_lm_eval_documents, read_lm_eval_results, read_run_config
 from .secrets import check_no_credentials
 
 logger = logging.getLogger(__name__)
@@ -163,6 +163,7 @@ def _card_inputs(args: PublishArgs, paths: dict, stage: Path, repo_name: str) ->
         inp.metrics_path = run / "metrics.jsonl" if (run / "metrics.jsonl").is_file() else None
     if args.eval:
         inp.eval_results, inp.eval_source = read_lm_eval_results(Path(args.eval)), args.eval
+        inp.eval_documents = read_lm_eval_documents(Path(args.eval))
     if args.bench:
         inp.bench, inp.bench_source = read_bench(Path(args.bench)), args.bench
     return inp

