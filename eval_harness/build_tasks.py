@@ -90,7 +90,8 @@ def build(args: BuildArgs) -> dict[str, int]:
     # even indices for perplexity, odd ones for multiple choice: the two tasks never share text
     step = len(pieces) // (args.ppl_docs + args.mc_docs)
     chosen = pieces[:: max(step, 1)][: args.ppl_docs + args.mc_docs]
-    ppl, mc_src = chosen[0::2][: args.ppl_docs], chosen[1::2]
+    ppl = chosen[0::2][: args.ppl_docs]
+    mc_src = [c for i, c in enumerate(chosen) if i % 2 or i // 2 >= args.ppl_docs]
 
     items = []
     for p in mc_src:
@@ -100,6 +101,8 @@ def build(args: BuildArgs) -> dict[str, int]:
         if len(cont) >= args.continuation_chars // 2:
             items.append({"context": context, "continuation": "\n" + cont, "source": p["source"]})
     items = items[: args.mc_docs]
+    if len(items) < args.mc_docs:
+        logger.warning("only %d multiple-choice items (asked for %d): pieces without enough lines were skipped", len(items), args.mc_docs)
     rng = random.Random(args.seed)
     mc = []
     for i, it in enumerate(items):

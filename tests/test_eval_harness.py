@@ -140,3 +140,59 @@ def test_aggregate_reads_lm_eval_results():
     assert acc["stderr"] == pytest.approx(0.25)  # std sqrt(0.125) / sqrt(2)
     assert acc["ci95"] == pytest.approx([0.5 - 12.706204736174707 * 0.25, 0.5 + 12.706204736174707 * 0.25])
     assert ppl["mean"] == 11.0 and ppl["lm_eval_stderr"] == [None, None]
+
+
+def _multiline_data(root: Path) -> tuple[Path, list[str]]:
+    """A DATA/ folder whose held-out documents have many lines: one document per block, two sources."""
+    import random
+
+    from datasets import Dataset
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(1)
+    words = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
+    docs = ["\n".join(" ".join(rng.choice(words) for _ in range(6)) for _ in range(10)) for _ in range(24)]
+    # the full byte alphabet, so that newlines survive a decode
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", pad_token="<pad>")
+    rows = []
+    for i, d in enumerate(docs):
+        ids = tok(d)["input_ids"] + [tok.eos_token_id]
+        rows.append({"input_ids": ids, "position_ids": list(range(len(ids))), "source": (i // 4) % 2})
+    Dataset.from_list(rows).save_to_disk(str(root / "validation"))
+    tok.save_pretrained(root / "tokenizer")
+    (root / "report.json").write_text(json.dumps({"sources": [{"name": "a"}, {"name": "b"}]}))
+    return root, docs
+
+
+def test_build_tasks_is_deterministic_and_continuations_follow_their_context(tmp_path):
+    from eval_harness.build_tasks import BuildArgs, build
+
+    data, docs = _multiline_data(tmp_path / "data")
+    kw = dict(data_dir=str(data), ppl_docs=4, mc_docs=6, min_chars=100, context_chars=60, continuation_chars=20)
+    assert build(BuildArgs(out=str(tmp_path / "one"), **kw)) == {"heldout_ppl": 4, "heldout_mc": 6}
+    build(BuildArgs(out=str(tmp_path / "two"), **kw))
+    for name in ("heldout_ppl.jsonl", "heldout_mc.jsonl"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+    ppl = [json.loads(x) for x in (tmp_path / "one" / "heldout_ppl.jsonl").read_text().splitlines()]
+    mc = [json.loads(x) for x in (tmp_path / "one" / "heldout_mc.jsonl").read_text().splitlines()]
+    assert all(p["text"] in docs for p in ppl) and {p["source"] for p in ppl} == {"a", "b"}
+    for item in mc:
+        assert len(item["choices"]) == 4 and len(set(item["choices"])) == 4 and 0 <= item["label"] < 4
+        doc = next(d for d in docs if d.startswith(item["context"]))
+        assert doc not in [p["text"] for p in ppl]  # the two tasks share no text
+        assert doc.startswith(item["context"] + item["choices"][item["label"]])  # the true continuation
+        for j, wrong in enumerate(item["choices"]):
+            if j != item["label"]:
+                assert not doc.startswith(item["context"] + wrong)
+
+    with pytest.raises(ValueError, match="need 40"):
+        build(BuildArgs(out=str(tmp_path / "three"), data_dir=str(data), ppl_docs=20, mc_docs=20, min_chars=100))
+    with pytest.raises(FileNotFoundError, match="data_scripts.prepare"):
+        build(BuildArgs(out=str(tmp_path / "four"), data_dir=str(tmp_path / "missing")))
