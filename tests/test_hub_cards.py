@@ -273,21 +273,14 @@ def test_fresh_clone_loads_without_this_repo_and_runs_lm_eval(run_dir, tmp_path)
     with torch.no_grad():
         assert torch.equal(out["logits"], source(out["ids"]).logits)
 
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    (tasks / "docs.jsonl").write_text("".join(json.dumps({"context": c, "target": " " + t}) + "\n"
-                                              for c, t in [("the of and", "to"), ("in a is", "that"), ("for it as", "was")]))
-    (tasks / "tiny_task.yaml").write_text(
-        "task: tiny_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(tasks / "docs.jsonl") + "\n"
-        "test_split: test\noutput_type: loglikelihood\ndoc_to_text: \"{{context}}\"\ndoc_to_target: \"{{target}}\"\n"
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\nmetadata:\n  version: 1.0\n")
+    # the offline held-out tasks of eval_harness (loaded by lm-eval from their files, not as this repo's package)
     run = subprocess.run([sys.executable, "-c", LM_EVAL_CHILD, "--model", "hf", "--model_args", f"pretrained={clone},trust_remote_code=True",
-                          "--tasks", "tiny_task", "--include_path", str(tasks), "--limit", "2", "--device", "cpu", "--batch_size", "1",
-                          "--output_path", str(tmp_path / "lm_eval_out")],
+                          "--tasks", "demo_heldout_mc", "--include_path", str(REPO / "eval_harness" / "tasks"), "--limit", "2",
+                          "--device", "cpu", "--batch_size", "1", "--output_path", str(tmp_path / "lm_eval_out")],
                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     results = read_lm_eval_results(tmp_path / "lm_eval_out")  # the card reads lm-eval's own output
-    assert set(results) == {"tiny_task"} and 0.0 <= results["tiny_task"]["acc"][0] <= 1.0
+    assert set(results) == {"demo_heldout_mc"} and 0.0 <= results["demo_heldout_mc"]["acc"][0] <= 1.0
 
 
 def test_reload_generates_from_a_clone_in_a_process_without_this_repo(run_dir, tmp_path):
