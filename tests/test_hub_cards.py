@@ -125,10 +125,12 @@ def test_sections_without_artefacts_say_so(run_dir, tmp_path):
     assert "does not record its training config" in card.text  # summary.json found beside final/, no config
 
 
-def test_shard_size_writes_shards_and_an_index(run_dir, tmp_path):
+def test_shard_size_writes_shards_and_an_index_and_warns_without_git_lfs(run_dir, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(pub, "git_lfs_available", lambda: False)
     result = pub.publish(_args(run_dir, tmp_path / "sharded", shard_size="200KB"))
     shards = [f for f in result["files"] if f.startswith("model-") and f.endswith(".safetensors")]
     assert len(shards) > 1 and "model.safetensors.index.json" in result["files"] and "model.safetensors" not in result["files"]
+    assert result["lfs"] is False and "git-lfs is not installed" in caplog.text
 
 
 @pytest.mark.parametrize("where,content", [("final/.env", "X=1\n"), ("final/notes.txt", "token hf_" + "a1B2c3D4" * 5 + "\n"),
@@ -207,6 +209,16 @@ def test_publish_to_a_git_remote_pushes_commit_and_tag(run_dir, tmp_path):
     assert _git("rev-parse", "main", cwd=remote) == result["commit"]
     assert _git("tag", "--list", cwd=remote) == "release-1"
     assert "model.safetensors" in _git("ls-tree", "--name-only", "main", cwd=remote).splitlines()
+
+
+@pytest.mark.skipif(not pub.git_lfs_available(), reason="git-lfs is not installed")
+def test_weights_go_through_git_lfs_when_it_is_installed(run_dir, tmp_path):
+    target = tmp_path / "lfs-repo"
+    assert pub.publish(_args(run_dir, target, eval=None, bench=None))["lfs"]
+    assert "model.safetensors" in _git("lfs", "ls-files", "--name-only", cwd=target).splitlines()
+    assert _git("show", "HEAD:model.safetensors", cwd=target).startswith("version https://git-lfs.github.com/spec/v1")
+    subprocess.run(["git", "clone", "-q", str(target), "clone"], cwd=tmp_path, check=True)
+    assert (tmp_path / "clone" / "model.safetensors").read_bytes() == (target / "model.safetensors").read_bytes()
 
 
 def test_bad_inputs_fail_before_work(run_dir, tmp_path):
