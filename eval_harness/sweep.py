@@ -7,7 +7,7 @@ mixed. Every (model, task, seed) cell runs `lm_eval.simple_evaluate` (the model 
 model, through lm-eval's HFLM with trust_remote_code) with random, numpy, torch and few-shot seeds
 all set to the seed, and is written as lm-eval's own results JSON (what `lm_eval --output_path`
 writes, without per-sample logs) to OUT/cells/<model>/<task>/seed<seed>.json, through a temporary
-file and a rename. A rerun reuses every finished cell whose limit matches, so an interrupted sweep
+file and a rename. A rerun reuses every finished cell whose limit and few-shot count match, so an interrupted sweep
 resumes where it stopped.
 
 Before any model is loaded, every task is built once (its dataset loaded); a task that cannot be
@@ -94,12 +94,21 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def load_cell(path: Path, limit: float | None) -> dict | None:
-    """A finished cell's lm-eval results, or None when absent or run with another limit."""
+def cell_settings(args: SweepArgs) -> dict:
+    """What a cached cell must have been run with to be reused (stored in the cell under SETTINGS_KEY)."""
+    return {"limit": args.limit, "num_fewshot": args.num_fewshot}
+
+
+# One key added to lm-eval's results dict; lm-eval readers ignore it.
+SETTINGS_KEY = "hybrid_mamba_sweep"
+
+
+def load_cell(path: Path, args: SweepArgs) -> dict | None:
+    """A finished cell's lm-eval results, or None when absent or run with other settings."""
     if not path.is_file():
         return None
     res = json.loads(path.read_text())
-    if res.get("config", {}).get("limit") != limit:
+    if res.get(SETTINGS_KEY) != cell_settings(args):
         return None
     return res
 
@@ -278,7 +287,7 @@ def sweep(args: SweepArgs) -> dict:
         for task in tasks:
             for seed in args.seeds:
                 path = cell_path(out, model, task, seed)
-                cached = load_cell(path, args.limit)
+                cached = load_cell(path, args)
                 if cached is not None:
                     logger.info("cached: %s / %s / seed %d", model, task, seed)
                     cells[(model, task, seed)] = cached
@@ -298,6 +307,7 @@ def sweep(args: SweepArgs) -> dict:
                     errors.append({"model": model, "task": task, "seed": seed, "error": f"{type(e).__name__}: {e}"})
                     logger.error("failed: %s / %s / seed %d: %s", model, task, seed, e)
                     continue
+                res[SETTINGS_KEY] = cell_settings(args)
                 write_json(path, res)
                 cells[(model, task, seed)] = res
         del lm

@@ -101,6 +101,7 @@ def test_sweep_resumes_after_interruption_and_reports_bad_cells(tiny_model, tmp_
     assert not list(out.rglob(".seed*"))  # no half-written cell
     first = json.loads(done[0].read_text())
     assert first["config"]["fewshot_seed"] == 0 and first["config"]["limit"] == 2
+    assert first["hybrid_mamba_sweep"] == {"limit": 2, "num_fewshot": None}
 
     calls.clear()
     monkeypatch.setattr(sweep_mod, "run_cell", lambda *a: calls.append(a[1:3]) or real_run_cell(*a))
@@ -109,6 +110,10 @@ def test_sweep_resumes_after_interruption_and_reports_bad_cells(tiny_model, tmp_
     summary = sweep_mod.sweep(args)
     assert calls == [("demo_heldout_mc", 1)]  # only the unfinished cell ran again
     assert json.loads(done[0].read_text()) == first
+    # a cell run with another --limit or --num_fewshot is not reused
+    assert sweep_mod.load_cell(done[0], args) is not None
+    assert sweep_mod.load_cell(done[0], SweepArgs(models=[], tasks=[], limit=3)) is None
+    assert sweep_mod.load_cell(done[0], SweepArgs(models=[], tasks=[], limit=2, num_fewshot=1)) is None
     assert "no_such_task" in summary["skipped_tasks"]
     assert [(e["model"], e["seed"]) for e in summary["errors"]] == [(str(tmp_path / "missing"), 0), (str(tmp_path / "missing"), 1)]
     assert "does not load" in summary["errors"][0]["error"]
