@@ -7,8 +7,8 @@ mixed. Every (model, task, seed) cell runs `lm_eval.simple_evaluate` (the model 
 model, through lm-eval's HFLM with trust_remote_code) with random, numpy, torch and few-shot seeds
 all set to the seed, and is written as lm-eval's own results JSON (what `lm_eval --output_path`
 writes, without per-sample logs) to OUT/cells/<model>/<task>/seed<seed>.json, through a temporary
-file and a rename. A rerun reuses every finished cell whose limit and few-shot count match, so an interrupted sweep
-resumes where it stopped.
+file and a rename. A rerun reuses every finished cell whose limit and few-shot count match, so an
+interrupted sweep resumes where it stopped.
 
 Before any model is loaded, every task is built once (its dataset loaded); a task that cannot be
 built (unknown name, Hub data while offline) is listed with the reason and the rest run. A model
