@@ -250,7 +250,7 @@ def plot(agg: dict, path: Path) -> None:
             means.append(s["mean"] if s else float("nan"))
             errs.append(s["ci95"][1] - s["mean"] if s and s["ci95"] else 0.0)
         ax.bar(range(len(models)), means, yerr=errs, capsize=4)
-        ax.set_xticks(range(len(models)), [Path(m).name or m for m in models], rotation=20, fontsize=7)
+        ax.set_xticks(range(len(models)), ["/".join(Path(m).parts[-2:]) for m in models], rotation=20, fontsize=7)
         ax.set_title(f"{task}\n{metric}", fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
