@@ -19,7 +19,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from .card import CardInputs, build_card, read_bench, read_lm_eval_documents, read_lm_eval_results, read_run_config
@@ -291,7 +291,7 @@ def publish(args: PublishArgs) -> dict:
 def parse_args(argv=None) -> PublishArgs:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(PublishArgs):
-        required = f.default is not None and f.default.__class__.__name__ == "_MISSING_TYPE"
+        required = f.default is MISSING
         flag = "--" + f.name.replace("_", "-")
         kwargs = dict(help=f.metadata["help"], dest=f.name)
         parser.add_argument(flag, required=True, **kwargs) if required else parser.add_argument(flag, default=f.default, **kwargs)
