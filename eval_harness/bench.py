@@ -19,9 +19,7 @@ and time to first token against sequence length, one line per model).
 """
 
 import logging
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import torch
 from transformers import HfArgumentParser
 
 from configuration import HybridMambaConfig, get_preset
+from eval_harness.files import save_figure
 from eval_harness.bench_speed import ALL_CLASSES, QUICK_PLAN, Plan, run_benchmark, to_markdown
 
 logger = logging.getLogger(__name__)
@@ -83,11 +82,7 @@ def plot(results: dict, path: Path) -> None:
     m = results["machine"]
     fig.suptitle(f"{m.get('gpu') or m['cpu']}, {m['threads']} threads, {m.get('device', 'cpu')}", fontsize=9)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def run(args: BenchArgs) -> dict:

@@ -55,6 +55,7 @@ from transformers import (
 )
 
 from configuration import HybridMambaConfig
+from eval_harness.files import write_atomic
 from modeling import HybridMambaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -509,11 +510,6 @@ def to_markdown(results: dict) -> str:
     )
     return "\n".join(lines)
 
-
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def run_benchmark(

@@ -25,14 +25,14 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from transformers import HfArgumentParser
+
+from eval_harness.files import save_figure, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +87,7 @@ def write_json(path: Path, obj: Any) -> None:
     """Write through a temporary file and a rename, so a killed run never leaves half a file."""
     from lm_eval.utils import handle_non_serializable
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=handle_non_serializable)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2, default=handle_non_serializable))
 
 
 def cell_settings(args: SweepArgs) -> dict:
@@ -255,11 +251,7 @@ def plot(agg: dict, path: Path) -> None:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def load_model(path: str, args: SweepArgs):
@@ -328,8 +320,7 @@ def sweep(args: SweepArgs) -> dict:
     }
     write_json(out / "results.json", summary)
     table = markdown_table(agg, skipped, errors, args.models)
-    (out / ".results.md.tmp").write_text(table)
-    os.replace(out / ".results.md.tmp", out / "results.md")
+    write_atomic(out / "results.md", table)
     plot(agg, out / "results.png")
     logger.info("wrote %s, results.md, results.png", out / "results.json")
     return summary
