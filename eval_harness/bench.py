@@ -9,8 +9,9 @@ memory), run with the models taking turns; on CUDA they are timed with CUDA even
 torch.cuda.max_memory_allocated, on CPU perf_counter and ru_maxrss in a subprocess per model.
 --model is a save_pretrained folder (its config.json; the weights are re-initialised at random,
 which does not change speed) or a preset name (configuration/presets.yaml). Baselines are built
-from its config: llama (same hidden size, depth, heads, vocabulary and MLP width, attention in
-every layer), bamba (also the same layer layout; needs no Mamba-1 layers), mamba2 (Mamba2ForCausalLM:
+from its config: llama (same hidden size, depth, heads and vocabulary, attention in every layer, MLP
+widened until the parameter count matches), llama_shape (the same but with its MLP width, so
+smaller), bamba (also the same layer layout; needs no Mamba-1 layers), mamba2 (Mamba2ForCausalLM:
 same hidden size, depth, vocabulary and Mamba-2 mixer sizes; it has no MLP).
 
 Writes OUT/bench.json (bench_speed.json's schema: the machine, thread count and device included),
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class BenchArgs:
     model: str = field(metadata={"help": "Model folder (config.json) or preset name."})
-    baselines: str = field(default="llama,bamba", metadata={"help": "Comma-separated: llama, bamba, mamba2."})
+    baselines: str = field(default="llama,bamba", metadata={"help": "Comma-separated: llama, llama_shape, bamba, mamba2."})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda[:N]."})
     out: str = field(default="results/bench", metadata={"help": "Folder for bench.json, bench.md, bench.png."})
     threads: int = field(default=2, metadata={"help": "torch.set_num_threads (CPU)."})

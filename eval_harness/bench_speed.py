@@ -2,10 +2,13 @@
 
     python -m eval_harness.bench_speed [--out results/bench_speed] [--threads 2] [--quick]
 
-Three models of matched size, fp32, random init: ours (hidden 512, 8 layers of which layers 2 and 6
-are attention and the rest Mamba-2 with 16 heads of 64 and state 128, SwiGLU 1536, vocab 8192,
-untied), transformers' Bamba with the same layout and sizes, and transformers' Llama with the same
-sizes and attention in every layer. Bamba's and Llama's configs are derived from ours.
+Four models, fp32, random init: ours (hidden 512, 8 layers of which layers 2 and 6 are attention and
+the rest Mamba-2 with 16 heads of 64 and state 128, SwiGLU 1536, vocab 8192, untied); transformers'
+Bamba with the same config (layout and sizes); an equal-size transformers Llama ("llama": same hidden
+size, depth, heads and vocabulary, attention in every layer, MLP widened until its parameter count
+matches ours); and a Llama of ours' shape ("llama_shape": MLP 1536 too, so about 16% fewer
+parameters, because a Mamba-2 mixer of this width has more parameters than an attention mixer).
+The baselines' configs are derived from ours.
 
 Measured, with warmup iterations not counted:
 - training step: forward with labels, backward, AdamW step at batch 4 x 512; tokens/s, median;
@@ -15,11 +18,11 @@ Measured, with warmup iterations not counted:
 - peak memory of the training step: each model trains in a fresh subprocess, which reports
   ru_maxrss minus its RSS after building the model, and ru_maxrss itself.
 Timing uses time.perf_counter on torch.set_num_threads(--threads). The models take turns inside every
-repetition (and every decode step), so machine noise hits all three alike. Prefill and decode ask
+repetition (and every decode step), so machine noise hits all of them alike. Prefill and decode ask
 for the last token's logits only (logits_to_keep=1), as generate() does.
 
 Writes bench_speed.json (every raw number, the machine, the plan) and bench_speed.md (one table per
-measurement with ratio columns ours/bamba and ours/llama) into --out, and prints the tables.
+measurement with a ratio column ours/baseline for each baseline) into --out, and prints the tables.
 A full run should take about 5 minutes on 2 cores (estimated from --quick timings; the 8192-token
 prefills take a third of it); --quick shrinks every size and repetition count for a smoke test of
 well under a minute.
@@ -60,8 +63,20 @@ from modeling import HybridMambaForCausalLM
 
 logger = logging.getLogger(__name__)
 
-MODEL_CLASSES = {"ours": HybridMambaForCausalLM, "bamba": BambaForCausalLM, "llama": LlamaForCausalLM}
-# Baselines beyond bench_speed's default pair (eval_harness.bench --baselines).
+# bamba: ours' config (layer layout, sizes). llama: an equal-size Llama (same hidden size, depth, heads
+# and vocabulary, MLP widened until the parameter count matches ours). llama_shape: a Llama with ours'
+# shape (same MLP width too), which is smaller, because a Mamba layer has more parameters than an
+# attention layer of the same width.
+MODEL_CLASSES = {"ours": HybridMambaForCausalLM, "bamba": BambaForCausalLM, "llama": LlamaForCausalLM,
+                 "llama_shape": LlamaForCausalLM}
+DEFAULT_BASELINES = ("bamba", "llama", "llama_shape")
+BASELINE_NOTES = {
+    "bamba": "bamba: transformers' Bamba with ours' config.",
+    "llama": "llama: an equal-size Llama (MLP widened until its parameter count matches ours).",
+    "llama_shape": "llama_shape: a Llama of ours' shape (hidden, MLP width, depth), hence smaller.",
+    "mamba2": "mamba2: Mamba2ForCausalLM with ours' Mamba-2 sizes and no MLP, hence smaller.",
+}
+# Baselines beyond bench_speed's default set (eval_harness.bench --baselines).
 ALL_CLASSES = {**MODEL_CLASSES, "mamba2": Mamba2ForCausalLM}
 # Mamba2ForCausalLM takes and returns its cache as cache_params, the others as past_key_values.
 CACHE_ARG = {"mamba2": "cache_params"}
@@ -127,8 +142,8 @@ class BenchArgs:
 # ----------------------------------------------------------------------------------------------
 
 
-def matched_configs(ours: HybridMambaConfig, baselines: tuple[str, ...] = ("bamba", "llama")) -> dict:
-    """Configs of ours and each baseline (bamba, llama) with the sizes of `ours` (Bamba: same layer layout too)."""
+def matched_configs(ours: HybridMambaConfig, baselines: tuple[str, ...] = DEFAULT_BASELINES) -> dict:
+    """Configs of ours and each baseline with the sizes of `ours` (see MODEL_CLASSES)."""
     choices = set(ALL_CLASSES) - {"ours"}
     if set(baselines) - choices:
         raise ValueError(f"unknown baselines {sorted(set(baselines) - choices)}: choose from {sorted(choices)}")
@@ -176,8 +191,24 @@ def matched_configs(ours: HybridMambaConfig, baselines: tuple[str, ...] = ("bamb
         layer_norm_epsilon=ours.rms_norm_eps,
         tie_word_embeddings=ours.tie_word_embeddings,
     )
-    configs = {"ours": ours, "bamba": bamba, "llama": LlamaConfig(**common), "mamba2": mamba2}
+    configs = {"ours": ours, "bamba": bamba, "llama": equal_size_llama(ours, common), "llama_shape": LlamaConfig(**common),
+               "mamba2": mamba2}
     return {name: configs[name] for name in ("ours", *baselines)}
+
+
+def count_parameters(model_class, config) -> int:
+    """Parameters of a model built on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in model_class(config).parameters())
+
+
+def equal_size_llama(ours: HybridMambaConfig, common: dict) -> LlamaConfig:
+    """A Llama with ours' hidden size, depth, heads and vocabulary, its MLP width set so the parameter
+    count matches ours (to within one MLP column per layer)."""
+    shape = LlamaConfig(**common)
+    per_column = 3 * common["hidden_size"] * common["num_hidden_layers"]  # gate, up, down: one column each
+    gap = count_parameters(HybridMambaForCausalLM, ours) - count_parameters(LlamaForCausalLM, shape)
+    return LlamaConfig(**{**common, "intermediate_size": max(1, common["intermediate_size"] + round(gap / per_column))})
 
 
 def build_model(name: str, config, seed: int, device: str = "cpu"):
@@ -443,7 +474,8 @@ def to_markdown(results: dict) -> str:
         "",
         f"`{results['command']}` on {m['cpu']} ({m['platform']}), {m['threads']} threads, "
         f"torch {m['torch']}, transformers {m['transformers']}, {m['date']}, commit {m['git_commit']}.",
-        "fp32, random init, matched sizes; warmup iterations excluded"
+        "fp32, random init; warmup iterations excluded. "
+        + " ".join(BASELINE_NOTES[n] for n in results["parameters"] if n in BASELINE_NOTES)
         + ("; CUDA events and max_memory_allocated." if m.get("device", "cpu").startswith("cuda") else "."),
         "",
     ]
@@ -519,7 +551,7 @@ def run_benchmark(
     threads: int,
     seed: int = 0,
     command: str = "",
-    baselines: tuple[str, ...] = ("bamba", "llama"),
+    baselines: tuple[str, ...] = DEFAULT_BASELINES,
     device: str = "cpu",
     stem: str = "bench_speed",
 ) -> dict:

@@ -62,6 +62,17 @@ except ImportError:
 
 logger = logging.get_logger(__name__)
 
+# Chunk length of the pure-torch SSD scan on CPU. The result does not depend on it (up to rounding);
+# `config.mamba_chunk_size` is the kernels' choice. Scan alone, forward + backward, 2 threads,
+# 16 heads of 64, state 128 (python -m eval_harness.bench_scan): 64 is the fastest or within 5% of
+# it from 512 to 8192 tokens, and 256 is 1.3-2x slower.
+CPU_CHUNK_SIZE = 64
+# Longest block of tokens a Mamba-2 mixer processes at once on CPU (longer inputs without segments are
+# split, the state carried across). One mixer's forward, batch 1, 2 threads, microseconds per token at
+# 512 / 2048 / 8192 tokens: whole inputs 34 / 38 / 65 (page faults and cache misses on tensors of tens
+# of MB), blocks of 1024 tokens 34 / 36 / 37.
+CPU_BLOCK_TOKENS = 1024
+
 # Per-layer cache types for `DynamicCache(config=...)` / `StaticCache`: Mamba layers keep a conv and a
 # recurrent state (constant size), attention layers a growing key/value cache.
 for _name in ("mamba", "mamba1", "mamba2"):
@@ -117,6 +128,56 @@ def causal_conv1d_ref(x, weight, bias=None, prefix=None, seq_idx=None):
             tap = tap * (seg[:, j : j + t] == seq_idx).unsqueeze(1).to(x.dtype)
         out = out + tap
     return out if bias is None else out + bias[:, None]
+
+
+class _DepthwiseConv1d(torch.autograd.Function):
+    """Valid depthwise convolution, xp (B, E, T + K - 1) -> (B, E, T), with a hand-written backward.
+
+    On CPU, `F.conv1d`'s own depthwise backward is slower than the rest of a Mamba layer; here the
+    input gradient is another depthwise `F.conv1d` (flipped taps), and so is the weight gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, xp, weight, bias):
+        ctx.save_for_backward(xp, weight)
+        ctx.has_bias = bias is not None
+        return F.conv1d(xp, weight.unsqueeze(1), bias, groups=weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dout):
+        xp, weight = ctx.saved_tensors
+        k, t = weight.shape[-1], dout.shape[-1]
+        dout = dout.contiguous()
+        dxp = F.conv1d(F.pad(dout, (k - 1, k - 1)), weight.flip(-1).unsqueeze(1), groups=weight.shape[0])
+        b, e = dout.shape[:2]  # weight gradient: one long-kernel depthwise conv of xp with dout per (row, channel)
+        dw = F.conv1d(xp.reshape(1, b * e, t + k - 1), dout.view(b * e, 1, t), groups=b * e).view(b, e, k).sum(0)
+        db = dout.sum((0, 2)) if ctx.has_bias else None
+        return dxp, dw, db
+
+
+def causal_conv1d(x, weight, bias=None, prefix=None, seq_idx=None):
+    """`causal_conv1d_ref`'s contract, computed as one depthwise convolution.
+
+    Taps that would read across a segment boundary exist only in the first K - 1 tokens of a segment;
+    their contributions are gathered at those positions alone and subtracted.
+    """
+    k = weight.shape[-1]
+    t = x.shape[-1]
+    if prefix is None:
+        xp = F.pad(x, (k - 1, 0))
+    else:
+        xp = torch.cat([prefix[..., prefix.shape[-1] - (k - 1) :].to(x.dtype), x], dim=-1)
+    out = _DepthwiseConv1d.apply(xp, weight, bias)
+    if seq_idx is not None:
+        seg = F.pad(seq_idx, (k - 1, 0), value=0)  # prefix, zero pad: segment 0
+        rows, cols = torch.nonzero(seg[:, :t] != seq_idx, as_tuple=True)  # the farthest tap crosses a boundary
+        if rows.numel():
+            taps = cols[:, None] + torch.arange(k, device=x.device)  # (n, K) positions in xp
+            crossing = (seg[rows[:, None], taps] != seq_idx[rows, cols][:, None]).to(x.dtype)  # (n, K)
+            window = xp[rows[:, None], :, taps]  # (n, K, E)
+            correction = torch.einsum("nke,ek,nk->ne", window, weight, crossing)
+            out = out.transpose(1, 2).index_put((rows, cols), -correction, accumulate=True).transpose(1, 2)
+    return out
 
 
 def ssd_scan_ref(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=None):
@@ -197,6 +258,232 @@ def ssd_scan_ref(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx
     if D is not None:
         y = y + x.view(b, c * L, h, p)[:, :t] * D.float()[:, None]
     return y, final_state
+
+
+class _SSDLayout:
+    """Inputs padded to whole chunks, in the layouts both passes of `SSDChunkScan` use.
+
+    "Token" layout keeps the input order (B, C, L, H, ...): the state matmuls run on it as one
+    (L, H/G*P) matrix per chunk and group. "Head" layout (B, C, H, L, ...) is for the within-chunk
+    (L, L) products only.
+    """
+
+    def __init__(self, x, dt, A, B, C, chunk_size, seq_idx):
+        b, t, h, p = x.shape
+        g, n = B.shape[2], B.shape[3]
+        L = min(chunk_size, t)
+        pad = (-t) % L
+        if pad:  # padded steps have dt = 0 and x = 0: they change neither outputs nor the final state
+            x, dt, B, C = (F.pad(v, (0, 0) * (v.dim() - 2) + (0, pad)) for v in (x, dt, B, C))
+            if seq_idx is not None:
+                seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1)
+        c = (t + pad) // L
+        self.b, self.t, self.h, self.p, self.g, self.n, self.c, self.L, self.pad = b, t, h, p, g, n, c, L, pad
+        self.x = x.view(b, c, L, h, p)
+        self.dt = dt.view(b, c, L, h)
+        self.cs = torch.cumsum(self.dt * A, dim=2)  # (B, C, L, H) log decay from the chunk start
+        self.B = B.view(b, c, L, g, n).transpose(2, 3)  # (B, C, G, L, N)
+        self.C = C.view(b, c, L, g, n).transpose(2, 3)
+        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        if seq_idx is None:
+            self.keep, self.m_out, self.m_in, self.m_pass = causal, None, None, None
+        else:
+            seg = seq_idx.view(b, c, L)
+            self.keep = (causal & (seg[..., :, None] == seg[..., None, :])).unsqueeze(2)  # (B, C, 1, L, L)
+            seg_end = seg[..., -1]  # (B, C): segment whose state leaves each chunk
+            seg_in = F.pad(seg_end, (1, 0), value=0)[:, :-1]  # segment of the state entering each chunk
+            self.m_out = (seg == seg_end[..., None]).unsqueeze(-1).to(x.dtype)  # (B, C, L, 1)
+            self.m_in = (seg == seg_in[..., None]).unsqueeze(-1).to(x.dtype)
+            self.m_pass = (seg_end == seg_in).unsqueeze(-1).to(x.dtype)  # (B, C, 1)
+
+    def groups(self, v):
+        """(B, C, L, H, P) -> (B, C, G, L, H/G*P), a view when G = 1."""
+        b, c, L, g = self.b, self.c, self.L, self.g
+        return v.reshape(b, c, L, g, -1).transpose(2, 3)
+
+    def heads(self, v):
+        """(B, C, L, H, P) -> contiguous (B, C, H, L, P)."""
+        return v.transpose(2, 3).contiguous()
+
+    def decay_within(self):
+        """exp(cs_l - cs_s) for causal same-segment pairs of a chunk, else 0: (B, C, H, L, L)."""
+        cs = self.cs.transpose(2, 3)  # (B, C, H, L)
+        return (cs[..., :, None] - cs[..., None, :]).masked_fill_(~self.keep, -torch.inf).exp_()
+
+    def decay_out(self):
+        """exp(cs_end - cs_s): decay from each token to its chunk's end, 0 outside the leaving segment."""
+        w = torch.exp(self.cs[:, :, -1:] - self.cs)  # (B, C, L, H)
+        return w if self.m_out is None else w * self.m_out
+
+    def decay_in(self):
+        """exp(cs_l): decay from the chunk start to each token, 0 outside the entering segment."""
+        od = torch.exp(self.cs)
+        return od if self.m_in is None else od * self.m_in
+
+    def decay_pass(self):
+        """Decay across each whole chunk, 0 where the entering state's segment ends inside it: (B, C, H)."""
+        a = torch.exp(self.cs[:, :, -1])
+        return a if self.m_pass is None else a * self.m_pass
+
+    def within(self, dec, CB):
+        """Within-chunk matrix M = decay * (C . B): (B, C, H, L, L), computed in place in `dec`."""
+        b, c, g, L = self.b, self.c, self.g, self.L
+        return dec.view(b, c, g, -1, L, L).mul_(CB.unsqueeze(3)).view(b, c, -1, L, L)
+
+    def state_heads(self, s):
+        """A per-chunk state (B, G, N, H/G*P) viewed as (B, G, N, H/G, P)."""
+        return s.view(self.b, self.g, self.n, self.h // self.g, self.p)
+
+    def per_head(self, a):
+        """(B, H) -> (B, G, 1, H/G, 1) to scale a state."""
+        return a.view(self.b, self.g, 1, self.h // self.g, 1)
+
+    def unpad(self, v):
+        """(B, C, L, ...) -> (B, T, ...)."""
+        return v.reshape(self.b, self.c * self.L, *v.shape[3:])[:, : self.t]
+
+
+def _states_to_bhpn(s, z):
+    return z.state_heads(s).permute(0, 1, 3, 4, 2).reshape(z.b, z.h, z.p, z.n)
+
+
+def _states_from_bhpn(s, z):
+    return s.view(z.b, z.g, z.h // z.g, z.p, z.n).permute(0, 1, 4, 2, 3).reshape(z.b, z.g, z.n, -1)
+
+
+class SSDChunkScan(torch.autograd.Function):
+    """`ssd_scan_ref` with a hand-written backward.
+
+    Same mathematics; the state matmuls run on token-layout (L, H/G*P) matrices, no (L, L) tensor is
+    kept for the backward (they are recomputed), and the chunk-to-chunk pass is a recurrence, so
+    memory and time are linear in the number of chunks.
+    """
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, initial_state, seq_idx, chunk_size):
+        with torch.autocast(x.device.type, enabled=False):  # fp32 throughout, autocast or not
+            return SSDChunkScan._forward(ctx, x, dt, A, B, C, D, initial_state, seq_idx, chunk_size)
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        with torch.autocast(dy.device.type, enabled=False):
+            return SSDChunkScan._backward(ctx, dy, dfinal)
+
+    @staticmethod
+    def _forward(ctx, x, dt, A, B, C, D, initial_state, seq_idx, chunk_size):
+        z = _SSDLayout(x, dt, A, B, C, chunk_size, seq_idx)
+        b, c, h, p, L = z.b, z.c, z.h, z.p, z.L
+        # 1. within chunks: y_l = sum_{s<=l} C_l.B_s exp(cs_l - cs_s) dt_s x_s
+        xdt = torch.empty(b, c, h, L, p, dtype=x.dtype, device=x.device)
+        torch.mul(z.x.transpose(2, 3), z.dt.transpose(2, 3)[..., None], out=xdt)
+        M = z.within(z.decay_within(), torch.matmul(z.C, z.B.transpose(-1, -2)))
+        y = torch.matmul(M, xdt)  # (B, C, H, L, P)
+        del M, xdt
+        # 2. state each chunk leaves behind, (B, C, G, N, H/G*P): sum_s B_s exp(cs_end - cs_s) dt_s x_s
+        xw = z.x * (z.dt * z.decay_out())[..., None]  # (B, C, L, H, P)
+        states = torch.matmul(z.B.transpose(-1, -2), z.groups(xw))
+        del xw
+        # 3. across chunks: turn `states` into the state entering each chunk, in place
+        a = z.decay_pass()  # (B, C, H)
+        s = x.new_zeros(b, z.g, z.n, h // z.g * p) if initial_state is None else _states_from_bhpn(initial_state, z)
+        for k in range(c):
+            s_next = torch.addcmul(z.state_heads(states[:, k]), z.state_heads(s), z.per_head(a[:, k])).view_as(s)
+            states[:, k].copy_(s)
+            s = s_next
+        # 4. output of the entering state: y_l += exp(cs_l) C_l . entering
+        y_in = torch.matmul(z.C, states)  # (B, C, G, L, H/G*P)
+        y_in = y_in.transpose(2, 3).reshape(b, c, L, h, p)
+        out = torch.empty(b, c, L, h, p, dtype=x.dtype, device=x.device)
+        out = z.unpad(torch.addcmul(y.transpose(2, 3), y_in, z.decay_in()[..., None], out=out))
+        if D is not None:
+            out.addcmul_(x, D[:, None])
+        ctx.save_for_backward(x, dt, A, B, C, D, states, seq_idx)
+        ctx.chunk_size, ctx.has_initial_state = chunk_size, initial_state is not None
+        return out, _states_to_bhpn(s, z)
+
+    @staticmethod
+    def _backward(ctx, dy, dfinal):
+        x, dt, A, B, C, D, entering, seq_idx = ctx.saved_tensors
+        z = _SSDLayout(x, dt, A, B, C, ctx.chunk_size, seq_idx)
+        b, c, h, p, L = z.b, z.c, z.h, z.p, z.L
+        dy = dy.contiguous()
+        dyc = (F.pad(dy, (0, 0, 0, 0, 0, z.pad)) if z.pad else dy).view(b, c, L, h, p)
+
+        # 4. y_in = od * (C . entering)
+        dy_od = dyc * z.decay_in()[..., None]  # (B, C, L, H, P)
+        dy_od_g = z.groups(dy_od)  # (B, C, G, L, H/G*P)
+        dC = torch.matmul(dy_od_g, entering.transpose(-1, -2))  # (B, C, G, L, N)
+        y_in = torch.matmul(z.C, entering).transpose(2, 3).reshape(b, c, L, h, p)
+        dcs = (dy_od * y_in).sum(-1)  # (B, C, L, H)
+        del y_in
+        d_entering = torch.matmul(z.C.transpose(-1, -2), dy_od_g)  # (B, C, G, N, H/G*P)
+        del dy_od, dy_od_g
+        # 3. across chunks, backwards; d_entering becomes the gradient of each chunk's state in place
+        a = z.decay_pass()
+        gs = x.new_zeros(b, z.g, z.n, h // z.g * p) if dfinal is None else _states_from_bhpn(dfinal, z)
+        da = x.new_empty(b, c, h)
+        for k in range(c - 1, -1, -1):
+            da[:, k] = (z.state_heads(gs) * z.state_heads(entering[:, k])).sum((2, 4)).view(b, h)
+            g_prev = torch.addcmul(z.state_heads(d_entering[:, k]), z.state_heads(gs), z.per_head(a[:, k])).view_as(gs)
+            d_entering[:, k].copy_(gs)
+            gs = g_prev
+        d_initial = _states_to_bhpn(gs, z) if ctx.has_initial_state else None
+        d_states = d_entering
+        dcs[:, :, -1] += da * a
+        # 2. states = B^T (x * dt * w)
+        w = z.decay_out()  # (B, C, L, H)
+        coef = z.dt * w
+        u = torch.matmul(z.B, d_states).transpose(2, 3).reshape(b, c, L, h, p)  # d(x * coef)
+        dx = u * coef[..., None]
+        dcoef = (u * z.x).sum(-1)  # (B, C, L, H)
+        del u
+        ddt = dcoef * w
+        dwe = dcoef * coef  # d(log w)
+        dcs -= dwe
+        dcs[:, :, -1] += dwe.sum(2)
+        xw = z.x * coef[..., None]
+        dB = torch.matmul(z.groups(xw), d_states.transpose(-1, -2))  # (B, C, G, L, N)
+        del xw
+        # 1. within chunks
+        dec = z.decay_within()
+        CB = torch.matmul(z.C, z.B.transpose(-1, -2))  # (B, C, G, L, L)
+        dy_h = z.heads(dyc)
+        xdt = torch.empty(b, c, h, L, p, dtype=x.dtype, device=x.device)
+        torch.mul(z.x.transpose(2, 3), z.dt.transpose(2, 3)[..., None], out=xdt)
+        dMd = torch.matmul(dy_h, xdt.transpose(-1, -2)).mul_(dec)  # dM * decay, (B, C, H, L, L)
+        del xdt
+        dCB = dMd.view(b, c, z.g, -1, L, L).sum(3)  # (B, C, G, L, L)
+        dS = z.within(dMd, CB)  # d(log decay)
+        dcs += (dS.sum(-1) - dS.sum(-2)).transpose(2, 3)
+        del dS, dMd
+        M = z.within(dec, CB)
+        dxdt = torch.matmul(M.transpose(-1, -2), dy_h).transpose(2, 3)  # (B, C, L, H, P)
+        del M, dy_h
+        dx.addcmul_(dxdt, z.dt[..., None])
+        ddt += (dxdt * z.x).sum(-1)
+        del dxdt
+        dC += torch.matmul(dCB, z.B)
+        dB += torch.matmul(dCB.transpose(-1, -2), z.C)
+        # cs = cumsum(dt * A) within each chunk
+        dlog = dcs.flip(2).cumsum(2).flip(2)  # (B, C, L, H)
+        dA = (dlog * z.dt).sum((0, 1, 2))
+        ddt += dlog * A
+        dx = z.unpad(dx)
+        dD = None
+        if D is not None:
+            dx.addcmul_(dy, D[:, None])
+            dD = (dy * x).sum((0, 1, 3))
+        dB = z.unpad(dB.transpose(2, 3))
+        dC = z.unpad(dC.transpose(2, 3))
+        return dx, z.unpad(ddt), dA, dB, dC, dD, d_initial, None, None
+
+
+def ssd_scan(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=None):
+    """`ssd_scan_ref`'s contract (same arguments, float32 results), computed by `SSDChunkScan`."""
+    x, dt, A, B, C = x.float(), dt.float(), A.float(), B.float(), C.float()
+    D = D.float() if D is not None else None
+    init = initial_state.float() if initial_state is not None else None
+    return SSDChunkScan.apply(x, dt, A, B, C, D, init, seq_idx, chunk_size)
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, initial_state=None, seq_idx=None, chunk_size=64):
@@ -408,14 +695,17 @@ class _MambaMixerBase(nn.Module):
             if p is not None:
                 p._no_weight_decay = True
 
-    def _conv(self, xBC, cache, seq_idx):
-        """xBC (B, E, T) -> conv output (B, E, T) before activation, updating the conv cache."""
-        prefix = cache.get_conv_state(self.layer_idx) if cache is not None else None
+    def _conv(self, xBC, cache, seq_idx, prefix=None):
+        """xBC (B, E, T) -> conv output (B, E, T) before activation, updating the conv cache.
+
+        The earlier inputs come from the cache when there is one, else from `prefix` (B, E, >= K - 1).
+        """
+        prefix = cache.get_conv_state(self.layer_idx) if cache is not None else prefix
         w, bias = self.conv1d.weight.squeeze(1), self.conv1d.bias
         if prefix is None and seq_idx is None and _use_kernels(self, xBC) and causal_conv1d_fn is not None:
             out = causal_conv1d_fn(xBC, w, bias, activation=None)
         else:
-            out = causal_conv1d_ref(xBC, w, bias, prefix=prefix, seq_idx=seq_idx)
+            out = causal_conv1d(xBC, w, bias, prefix=prefix, seq_idx=seq_idx)
         if cache is not None:  # after the conv: the cached tensor is updated in place
             cache.update_conv_state(xBC, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
         return out
@@ -452,18 +742,38 @@ class HybridMamba2Mixer(_MambaMixerBase):
         self._tag_ssm_parameters()
 
     def forward(self, hidden_states, cache=None, pad_mask=None, seq_idx=None):
+        t = hidden_states.shape[1]
+        state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
+        # A long input without segments runs on CPU in blocks of tokens, the conv inputs and the state
+        # carried from block to block: the same result, with intermediates the size of one block, so the
+        # cost per token stays flat with length instead of growing with the working set.
+        block = CPU_BLOCK_TOKENS if (seq_idx is None and not hidden_states.is_cuda) else t
+        if t <= block:
+            return self._forward(hidden_states, cache, pad_mask, seq_idx, state, None)[0]
+        outs, prefix = [], None
+        for s in range(0, t, block):
+            mask = pad_mask[:, s : s + block] if pad_mask is not None else None
+            y, state, prefix = self._forward(hidden_states[:, s : s + block], cache, mask, None, state, prefix)
+            outs.append(y)
+        return torch.cat(outs, dim=1)
+
+    def _forward(self, hidden_states, cache, pad_mask, seq_idx, state, prefix):
+        """One block: output, final state and the conv inputs' last K - 1 columns (the next block's prefix).
+
+        `state` and `prefix` are what the previous block left; with a cache they are read from it.
+        """
         b, t, _ = hidden_states.shape
         zxbcdt = self.in_proj(hidden_states)  # (B, T, d_inner + conv_dim + H)
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
         if pad_mask is not None:
             xBC = xBC * pad_mask[..., None].to(xBC.dtype)
         A = -torch.exp(self.A_log.float())  # (H,)
-        state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
 
-        if state is not None and t == 1:
-            y = self._step(xBC, dt, A, cache, state)
+        if state is not None and t == 1 and cache is not None:
+            y, final, xBC_in = self._step(xBC, dt, A, cache, state), None, None
         else:
-            xBC = F.silu(self._conv(xBC.transpose(1, 2), cache, seq_idx)).transpose(1, 2)  # (B, T, conv_dim)
+            xBC_in = xBC.transpose(1, 2)  # (B, conv_dim, T)
+            xBC = F.silu(self._conv(xBC_in, cache, seq_idx, prefix)).transpose(1, 2)  # (B, T, conv_dim)
             x, B, C = xBC.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
             x = x.reshape(b, t, self.num_heads, self.head_dim)
             B = B.reshape(b, t, self.n_groups, self.d_state)
@@ -477,12 +787,16 @@ class HybridMamba2Mixer(_MambaMixerBase):
                 )
             else:
                 dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
-                y, final = ssd_scan_ref(x, dt, A, B, C, self.chunk_size, D=self.D, initial_state=state, seq_idx=seq_idx)
+                chunk = self.chunk_size if x.is_cuda else min(self.chunk_size, CPU_CHUNK_SIZE)
+                y, final = ssd_scan(x, dt, A, B, C, chunk, D=self.D, initial_state=state, seq_idx=seq_idx)
             if cache is not None:
                 cache.update_recurrent_state(final, self.layer_idx)
             y = y.reshape(b, t, self.d_inner)
+            if prefix is not None:
+                xBC_in = torch.cat([prefix, xBC_in], dim=-1)
+            xBC_in = xBC_in[..., -(self.conv_kernel_size - 1) :]
         y = self.norm(y.to(hidden_states.dtype), z)
-        return self.out_proj(y)
+        return self.out_proj(y), final, xBC_in
 
     def _step(self, xBC, dt, A, cache, state):
         """One decode step with the recurrent form; cost independent of the context length."""
@@ -506,9 +820,12 @@ class HybridMamba2Mixer(_MambaMixerBase):
         B = B.float().repeat_interleave(hg, dim=1)  # (B, H, N)
         C = C.float().repeat_interleave(hg, dim=1)
         x = x.float()
-        new_state = state.float() * torch.exp(dt * A)[..., None, None] + (dt[..., None] * x)[..., None] * B[:, :, None]
+        decayed = state.float() * torch.exp(dt * A)[..., None, None]  # (B, H, P, N)
+        new_state = torch.addcmul(decayed, (dt[..., None] * x)[..., None], B[:, :, None])
         cache.update_recurrent_state(new_state.to(state.dtype), self.layer_idx)
-        y = torch.matmul(new_state, C.unsqueeze(-1)).squeeze(-1) + x * self.D.float()[:, None]  # (B, H, P)
+        # vecdot rather than a (P, N) @ (N, 1) matmul per head: a batch of matrix-vector products is
+        # per-call overhead at decode sizes (decode step 119 -> 53 us per layer, 2 threads)
+        y = torch.linalg.vecdot(new_state, C[:, :, None]) + x * self.D.float()[:, None]  # (B, H, P)
         return y.reshape(b, 1, self.d_inner)
 
 

@@ -32,6 +32,10 @@ def test_bench_speed_writes_json_and_markdown(tmp_path, monkeypatch):
     assert {"cpu", "platform", "torch", "transformers", "threads", "date"} <= set(data["machine"])
     assert set(data["parameters"]) == models
     assert data["parameters"]["ours"] == data["parameters"]["bamba"]  # matched layout and sizes
+    # the equal-size Llama is within one MLP column per layer of ours; the shape-matched one is not
+    per_column = 3 * data["configs"]["llama"]["hidden_size"] * data["configs"]["llama"]["num_hidden_layers"]
+    assert abs(data["parameters"]["llama"] - data["parameters"]["ours"]) <= per_column / 2
+    assert data["configs"]["llama_shape"]["intermediate_size"] == data["configs"]["ours"]["intermediate_size"]
     assert set(data["training"]) == models and len(data["training"]["ours"]["tokens_per_s"]) == 1
     assert set(data["prefill"]) == {"16", "24"} and set(data["prefill"]["24"]) == models
     assert "median_s" in data["prefill"]["16"]["bamba"]
@@ -42,7 +46,7 @@ def test_bench_speed_writes_json_and_markdown(tmp_path, monkeypatch):
     md = (out / "bench_speed.md").read_text()
     for title in ("## Parameters", "## Training step throughput", "## Prefill latency", "## Decode latency", "## Training step peak memory"):
         assert title in md
-    assert "| ours | bamba | llama | ours/bamba | ours/llama |" in md
+    assert "| ours | bamba | llama | llama_shape | ours/bamba | ours/llama | ours/llama_shape |" in md
     assert not list(out.glob("*.tmp"))
 
 

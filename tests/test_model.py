@@ -212,3 +212,29 @@ def test_no_mlp_and_nope_layouts():
         torch.testing.assert_close(step[:, -1], full[:, -1], atol=1e-5, rtol=1e-5)
     assert model_for("hybrid", intermediate_size=0).model.layers[0].mlp is None
     assert model_for("hybrid", position_embedding_type="none").model.rotary_emb is None
+
+
+def test_long_inputs_in_blocks_equal_one_pass(monkeypatch):
+    """A Mamba-2 mixer splits long inputs into blocks on CPU (CPU_BLOCK_TOKENS): same logits, same
+    gradients, same cache (decode after a blocked prefill), also when the last block is one token."""
+    import modeling.modeling_hybrid_mamba as mm
+
+    m, x = model_for("hybrid"), ids(t=22)
+    with torch.no_grad():
+        whole = m(x, use_cache=False).logits
+    m.zero_grad()
+    m(x, labels=x, use_cache=False).loss.backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    monkeypatch.setattr(mm, "CPU_BLOCK_TOKENS", 7)  # 22 = 7 + 7 + 7 + 1
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, use_cache=False).logits, whole, atol=1e-5, rtol=1e-5)
+        out = m(x[:, :15], use_cache=True)
+        nxt = m(x[:, 15:16], past_key_values=out.past_key_values, use_cache=True)
+        torch.testing.assert_close(nxt.logits[:, -1], whole[:, 15], atol=1e-5, rtol=1e-5)
+        rest = m(x[:, 16:], past_key_values=nxt.past_key_values, use_cache=True)  # 6 tokens: one block
+        torch.testing.assert_close(rest.logits, whole[:, 16:], atol=1e-5, rtol=1e-5)
+    m.zero_grad()
+    m(x, labels=x, use_cache=False).loss.backward()
+    for n, p in m.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4, msg=lambda s: f"{n}: {s}")

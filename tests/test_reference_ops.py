@@ -1,10 +1,19 @@
-"""The chunked pure-torch scans against token-by-token recurrences (the definitions)."""
+"""The chunked pure-torch scans against token-by-token recurrences (the definitions), and the fast
+operators the model runs (hand-written backwards) against those references."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from modeling.modeling_hybrid_mamba import causal_conv1d_ref, segment_ids, selective_scan_ref, ssd_scan_ref
+from modeling.modeling_hybrid_mamba import (
+    SSDChunkScan,
+    causal_conv1d,
+    causal_conv1d_ref,
+    segment_ids,
+    selective_scan_ref,
+    ssd_scan,
+    ssd_scan_ref,
+)
 
 
 def _resets(seq_idx, i):
@@ -95,3 +104,52 @@ def test_segment_ids():
     assert segment_ids(torch.arange(6)[None].expand(2, -1), None) is None
     pad = torch.tensor([[False, False, True, True, True, True]])
     assert segment_ids(torch.arange(6)[None], pad).tolist() == [[0, 0, 1, 1, 1, 1]]
+
+
+def _ssd_inputs(b, t, h, p, g, n, dtype, packed, initial):
+    x = torch.randn(b, t, h, p, dtype=dtype)
+    dt = torch.rand(b, t, h, dtype=dtype) * 0.5 + 0.01
+    A = -torch.rand(h, dtype=dtype) * 2 - 0.1
+    B, C = torch.randn(b, t, g, n, dtype=dtype), torch.randn(b, t, g, n, dtype=dtype)
+    D = torch.randn(h, dtype=dtype)
+    h0 = torch.randn(b, h, p, n, dtype=dtype) if initial else None
+    return [v.requires_grad_() if v is not None else None for v in (x, dt, A, B, C, D, h0)], _segments(b, t) if packed else None
+
+
+@pytest.mark.parametrize("packed, initial", [(False, False), (True, True), (True, False)])
+@pytest.mark.parametrize("t, chunk, g", [(29, 8, 1), (29, 8, 2), (16, 16, 1), (5, 8, 2)])
+def test_fast_ssd_scan_matches_reference_with_gradients(packed, initial, t, chunk, g):
+    (x, dt, A, B, C, D, h0), seq = _ssd_inputs(2, t, 4, 3, g, 5, torch.float32, packed, initial)
+    y_ref, f_ref = ssd_scan_ref(x, dt, A, B, C, chunk, D=D, initial_state=h0, seq_idx=seq)
+    y, f = ssd_scan(x, dt, A, B, C, chunk, D=D, initial_state=h0, seq_idx=seq)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(f, f_ref, atol=1e-5, rtol=1e-5)
+    inputs = [v for v in (x, dt, A, B, C, D, h0) if v is not None]
+    gy, gf = torch.randn_like(y), torch.randn_like(f)
+    want = torch.autograd.grad((y_ref * gy).sum() + (f_ref * gf).sum(), inputs)
+    got = torch.autograd.grad((y * gy).sum() + (f * gf).sum(), inputs)
+    for w, o in zip(want, got):
+        torch.testing.assert_close(o, w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_fast_ssd_scan_backward_is_the_derivative(packed):
+    (x, dt, A, B, C, D, h0), seq = _ssd_inputs(2, 13, 4, 3, 2, 5, torch.float64, packed, True)
+    assert torch.autograd.gradcheck(lambda *v: SSDChunkScan.apply(*v, seq, 4), (x, dt, A, B, C, D, h0))
+
+
+@pytest.mark.parametrize("prefix, packed", [(False, False), (True, False), (False, True), (True, True)])
+def test_fast_conv_matches_reference_with_gradients(prefix, packed):
+    b, e, k, t = 2, 5, 4, 29
+    x = torch.randn(b, e, t, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(e, k, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(e, dtype=torch.float64, requires_grad=True)
+    pre = torch.randn(b, e, k, dtype=torch.float64) if prefix else None
+    seq = _segments(b, t) if packed else None
+    out = causal_conv1d(x, w, bias, prefix=pre, seq_idx=seq)
+    ref = causal_conv1d_ref(x, w, bias, prefix=pre, seq_idx=seq)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    for o, r in zip(torch.autograd.grad((out * g).sum(), (x, w, bias)), torch.autograd.grad((ref * g).sum(), (x, w, bias))):
+        torch.testing.assert_close(o, r)
+    assert torch.autograd.gradcheck(lambda *v: causal_conv1d(*v, prefix=pre, seq_idx=seq), (x, w, bias))

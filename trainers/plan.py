@@ -22,8 +22,8 @@ Assumptions, each a named constant below and printed with every plan:
   end of the backward, with its unsharded gradient; of the decoder layers, the one computing and the
   one prefetched are unsharded, with one unsharded gradient.
 - Activations: derived per layer type from config.layer_types by `activation_bytes_per_token`, for the
-  pure-torch reference path of the model (what runs on CPU and without mamba-ssm). mamba-ssm's fused
-  kernels keep no chunk x chunk tensors, so for Mamba layers on GPUs with kernels this is an upper bound.
+  pure-torch path of the model (what runs on CPU and without mamba-ssm), whose Mamba-2 scan keeps only
+  its inputs and the chunk states and recomputes the rest in its backward, as mamba-ssm's kernels do.
 - Overhead: CUDA context, cuBLAS/NCCL workspaces (CUDA_CONTEXT_GIB) plus allocator fragmentation
   (FRAGMENTATION of activations and FSDP buffers); on CPU only the runtime's own memory (CPU_RUNTIME_MIB).
 
@@ -123,7 +123,8 @@ class PlanArgs:
             raise ValueError(f"--mfu is a fraction in (0, 1], got {self.mfu}.")
 
 
-def activation_bytes_per_token(config, kind: str, seq_len: int, act_bytes: int, packed: bool) -> tuple[float, float]:
+def activation_bytes_per_token(config, kind: str, seq_len: int, act_bytes: int, packed: bool,
+                               device: str = "cuda") -> tuple[float, float]:
     """Bytes per token that one `kind` keeps for backward, and the extra bytes its backward needs at once.
 
     `kind` is a mixer ("attention", "mamba1", "mamba2"), "mlp", or "head" (final norm, logits and the
@@ -133,7 +134,8 @@ def activation_bytes_per_token(config, kind: str, seq_len: int, act_bytes: int, 
     tensors the code upcasts stay fp32 (f). Shapes: B batch, T tokens, D hidden, E Mamba inner size,
     H heads, P head size, G groups, N state size, K conv width, L chunk length, C chunks, V vocabulary.
     The backward extra is two copies of the largest per-token tensor (its gradient and the gradient
-    flowing out of it), or what cross-entropy's backward allocates.
+    flowing out of it), or what cross-entropy's backward allocates. `device` picks the Mamba-2 scan's
+    chunk length (on CPU, at most the modeling file's CPU_CHUNK_SIZE).
     """
     a, f = act_bytes, FP32
     low = a < f  # bf16: upcasts make fp32 copies where fp32 runs reuse the tensor
@@ -159,44 +161,34 @@ def activation_bytes_per_token(config, kind: str, seq_len: int, act_bytes: int, 
     if kind == "mamba2":
         E, H, G, N, K = config.mamba_d_inner, config.mamba_n_heads, config.mamba_n_groups, config.mamba_d_state, config.mamba_d_conv
         conv = E + 2 * G * N
-        L = min(config.mamba_chunk_size, T)  # a sequence shorter than a chunk is one chunk
+        from modeling.modeling_hybrid_mamba import CPU_CHUNK_SIZE
+
+        L = min(config.mamba_chunk_size, T) if device == "cuda" else min(config.mamba_chunk_size, CPU_CHUNK_SIZE, T)
         C = math.ceil(T / L)
-        r = C * L / T  # padded tokens per token
         saved = norm
-        saved += a * (2 * E + 2 * G * N + H)  # in_proj output [z, xBC, dt], kept whole by the views the conv and silu(z) save
-        # The conv as K shifted multiply-adds: the left-padded copy (B, conv_dim, T + K - 1), whose
-        # slices the taps save, and the sum (silu's input); with segment ids also each tap's (B, 1, T) mask.
+        # in_proj output [z, xBC, dt] (fp32 runs only: silu(z) keeps a view of it, which under bf16 reads
+        # an fp32 copy of z instead, counted with the gated norm)
+        saved += 0 if low else a * (2 * E + 2 * G * N + H)
+        # The conv: its left-padded input (B, conv_dim, T + K - 1) and its output (silu's input). With
+        # packed documents the taps crossing a boundary are corrected at the first K - 1 tokens of each
+        # document only, a few values per document: not counted.
         saved += a * conv * (T + K - 1) / T + a * conv
-        if packed:
-            saved += (K - 1) * a
-        # silu(conv) in fp32, of which x, B, C are views; the scan's fp32 copy of x under bf16 or padding
-        saved += f * E * r if (low or r > 1) else f * conv
-        # dt + bias, softplus, clamp (B, T, H); per chunk exp(decay to chunk end), that * dt, exp(cumsum)
-        saved += 3 * f * H + 3 * f * H * r
-        if packed:  # document masks: same-segment (B, C, 1, L, L) bool, exp(cumsum) before masking
-            saved += L * r + f * H * r
-        # Intra-chunk (B, C, H, L, L) per head: exp(segment sums), that * C.B in fp32, M = that * dt
-        # (a matmul operand), and C.B per group (B, C, G, L, L).
-        saved += (2 * f + a) * H * L * r + a * G * L * r
-        # Matmul operands copied contiguous: x for M @ x, dt-weighted x for the chunk states, the
-        # states' output y_off, B twice and C twice.
-        saved += a * (3 * E + 4 * G * N) * r
-        # Chunk states (B, C+1, H, P, N) for the inter-chunk einsum and the C states entering chunks.
-        saved += a * E * N * (2 * C + 1) / T
-        saved += (f + a) * H * (C + 1) ** 2 / T  # inter-chunk decay (B, C+1, C+1, H) and its copy
+        # The scan keeps its inputs only and recomputes every within-chunk tensor in its backward:
+        # x, B, C in fp32 (silu's output, or fp32 copies of it under bf16), dt + bias, softplus and
+        # the clamped dt (B, T, H), and the state entering each chunk (B, C, H, P, N).
+        saved += f * conv + 3 * f * H + f * E * N * C / T
         # Gated RMSNorm: fp32 y, silu(z) (and z's fp32 copy under bf16), y * silu(z), its normalised
         # form (fp32, or cast to bf16), the output (out_proj's input); rsqrt per group.
         saved += (3 * f + (f if low else 0) + 2 * a) * E + f * G
-        return saved, 2 * f * H * L * r
+        # Backward: the within-chunk decays and their gradient (B, C, H, L, L), recomputed.
+        return saved, 2 * f * H * L * C * L / T
     if kind == "mamba1":
         from modeling.modeling_hybrid_mamba import selective_scan_ref
 
         E, N, R, K = config.mamba_d_inner, config.mamba_d_state, config.mamba_dt_rank, config.mamba_d_conv
         chunk = inspect.signature(selective_scan_ref).parameters["chunk_size"].default  # the mixer calls it with the default
         saved = norm + a * 2 * E  # in_proj output [x, z]
-        saved += a * E * (T + K - 1) / T + a * E  # the conv's padded copy and its sum (see mamba2)
-        if packed:
-            saved += (K - 1) * a
+        saved += a * E * (T + K - 1) / T + a * E  # the conv's padded input and its output (see mamba2)
         saved += a * E + a * (R + 2 * N)  # x_proj's contiguous input, its output [dt, B, C]
         saved += 4 * f * E  # dt_proj output in fp32, softplus(dt), u = silu(conv) in fp32, dt * u
         saved += a * N + (f * N if low else 0)  # C per chunk for the einsum; B's fp32 copy under bf16
@@ -295,7 +287,7 @@ def estimate(args: PlanArgs, config=None, counts: dict | None = None) -> Plan:
     layers, root = layer_parameters(config, counts)
     per_token = {}
     for kind in {config.mixer_type(i) for i in range(config.num_hidden_layers)} | {"mlp", "head"}:
-        per_token[kind] = activation_bytes_per_token(config, kind, args.seq_len, a, args.packed)
+        per_token[kind] = activation_bytes_per_token(config, kind, args.seq_len, a, args.packed, args.device)
     saved, extra = [], []
     for i in range(config.num_hidden_layers):
         s, x = per_token[config.mixer_type(i)]
