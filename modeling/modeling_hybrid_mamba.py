@@ -130,54 +130,98 @@ def causal_conv1d_ref(x, weight, bias=None, prefix=None, seq_idx=None):
     return out if bias is None else out + bias[:, None]
 
 
-class _DepthwiseConv1d(torch.autograd.Function):
-    """Valid depthwise convolution, xp (B, E, T + K - 1) -> (B, E, T), with a hand-written backward.
+def _padded(x, prefix, k):
+    """x (B, E, T) with the K - 1 inputs before it: the prefix's last K - 1 columns, or zeros."""
+    if prefix is None:
+        return F.pad(x, (k - 1, 0))
+    return torch.cat([prefix[..., prefix.shape[-1] - (k - 1) :].to(x.dtype), x], dim=-1)
+
+
+def _crossing_taps(seq_idx, k, t):
+    """Positions whose taps read across a segment boundary: rows, cols (n,), xp positions of all K taps
+    (n, K) and which of them cross (n, K). Only the first K - 1 tokens of a segment have any."""
+    seg = F.pad(seq_idx, (k - 1, 0), value=0)  # prefix, zero pad: segment 0
+    rows, cols = torch.nonzero(seg[:, :t] != seq_idx, as_tuple=True)  # the farthest tap crosses
+    taps = cols[:, None] + torch.arange(k, device=seq_idx.device)
+    crossing = seg[rows[:, None], taps] != seq_idx[rows, cols][:, None]
+    return rows, cols, taps, crossing
+
+
+class CausalConv1d(torch.autograd.Function):
+    """`causal_conv1d_ref` (then SiLU when `silu`), as one depthwise `F.conv1d` with a hand-written backward.
 
     On CPU, `F.conv1d`'s own depthwise backward is slower than the rest of a Mamba layer; here the
-    input gradient is another depthwise `F.conv1d` (flipped taps), and so is the weight gradient.
+    input gradient is another depthwise conv (flipped taps) and the weight gradient a long-kernel
+    depthwise conv. Taps that would read across a segment boundary exist only in the first K - 1
+    tokens of a segment: their contributions are subtracted at those positions alone. Only the inputs
+    are kept for backward; the padded input and the pre-activation are recomputed.
     """
 
     @staticmethod
-    def forward(ctx, xp, weight, bias):
-        ctx.save_for_backward(xp, weight)
-        ctx.has_bias = bias is not None
-        return F.conv1d(xp, weight.unsqueeze(1), bias, groups=weight.shape[0])
+    def _pre(x, weight, bias, prefix, seq_idx):
+        k, t = weight.shape[-1], x.shape[-1]
+        if prefix is None:  # the conv's own zero padding (both sides; the last K - 1 outputs dropped)
+            xp = None
+            out = F.conv1d(x, weight.unsqueeze(1), bias, padding=k - 1, groups=weight.shape[0])[..., :t]
+        else:
+            xp = _padded(x, prefix, k)
+            out = F.conv1d(xp, weight.unsqueeze(1), bias, groups=weight.shape[0])
+        cross = None
+        if seq_idx is not None:
+            cross = _crossing_taps(seq_idx, k, t)
+            rows, cols, taps, crossing = cross
+            if rows.numel():
+                xp = _padded(x, prefix, k) if xp is None else xp
+                window = xp[rows[:, None], :, taps]  # (n, K, E)
+                correction = torch.einsum("nke,ek,nk->ne", window, weight, crossing.to(x.dtype))
+                out.transpose(1, 2).index_put_((rows, cols), -correction, accumulate=True)
+        return xp, out, cross
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, prefix, seq_idx, silu):
+        _, out, _ = CausalConv1d._pre(x, weight, bias, prefix, seq_idx)
+        ctx.save_for_backward(x, weight, bias, prefix, seq_idx)
+        ctx.silu = silu
+        # (B, E, T) returned with (B, T, E) memory, the layout of the caller's tokens-major view: the
+        # scan's matmuls then read B and C (and x) without copying them first.
+        out = out.transpose(1, 2).contiguous()
+        if silu:
+            F.silu(out, inplace=True)
+        return out.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, dout):
-        xp, weight = ctx.saved_tensors
-        k, t = weight.shape[-1], dout.shape[-1]
-        dout = dout.contiguous()
-        dxp = F.conv1d(F.pad(dout, (k - 1, k - 1)), weight.flip(-1).unsqueeze(1), groups=weight.shape[0])
-        b, e = dout.shape[:2]  # weight gradient: one long-kernel depthwise conv of xp with dout per (row, channel)
-        dw = F.conv1d(xp.reshape(1, b * e, t + k - 1), dout.view(b * e, 1, t), groups=b * e).view(b, e, k).sum(0)
-        db = dout.sum((0, 2)) if ctx.has_bias else None
-        return dxp, dw, db
+        x, weight, bias, prefix, seq_idx = ctx.saved_tensors
+        k, t = weight.shape[-1], x.shape[-1]
+        xp, pre, cross = CausalConv1d._pre(x, weight, bias, prefix, seq_idx)
+        dout = (torch.ops.aten.silu_backward(dout, pre) if ctx.silu else dout).contiguous()
+        b, e = dout.shape[:2]
+        dxp = F.conv1d(F.pad(dout, (k - 1, k - 1)), weight.flip(-1).unsqueeze(1), groups=e)
+        # weight gradient: one long-kernel depthwise conv of xp with dout per (row, channel)
+        if xp is None:  # zero padding: let the conv pad x itself, keep the first K outputs
+            dw = F.conv1d(x.reshape(1, b * e, t), dout.view(b * e, 1, t), padding=k - 1, groups=b * e)[..., :k]
+        else:
+            dw = F.conv1d(xp.reshape(1, b * e, t + k - 1), dout.view(b * e, 1, t), groups=b * e)
+        dw = dw.view(b, e, k).sum(0)
+        if cross is not None and cross[0].numel():
+            rows, cols, taps, crossing = cross
+            xp = _padded(x, prefix, k) if xp is None else xp
+            d_at = dout.transpose(1, 2)[rows, cols]  # (n, E)
+            mask = crossing.to(dout.dtype)
+            dw -= torch.einsum("ne,nke,nk->ek", d_at, xp[rows[:, None], :, taps], mask)
+            d_window = torch.einsum("ne,ek,nk->nke", d_at, weight, mask)
+            dxp.transpose(1, 2).index_put_((rows[:, None].expand_as(taps), taps), -d_window, accumulate=True)
+        db = dout.sum((0, 2)) if bias is not None else None
+        d_prefix = None
+        if prefix is not None and ctx.needs_input_grad[3]:
+            d_prefix = torch.zeros_like(prefix)
+            d_prefix[..., prefix.shape[-1] - (k - 1) :] = dxp[..., : k - 1]
+        return dxp[..., k - 1 :], dw, db, d_prefix, None, None
 
 
-def causal_conv1d(x, weight, bias=None, prefix=None, seq_idx=None):
-    """`causal_conv1d_ref`'s contract, computed as one depthwise convolution.
-
-    Taps that would read across a segment boundary exist only in the first K - 1 tokens of a segment;
-    their contributions are gathered at those positions alone and subtracted.
-    """
-    k = weight.shape[-1]
-    t = x.shape[-1]
-    if prefix is None:
-        xp = F.pad(x, (k - 1, 0))
-    else:
-        xp = torch.cat([prefix[..., prefix.shape[-1] - (k - 1) :].to(x.dtype), x], dim=-1)
-    out = _DepthwiseConv1d.apply(xp, weight, bias)
-    if seq_idx is not None:
-        seg = F.pad(seq_idx, (k - 1, 0), value=0)  # prefix, zero pad: segment 0
-        rows, cols = torch.nonzero(seg[:, :t] != seq_idx, as_tuple=True)  # the farthest tap crosses a boundary
-        if rows.numel():
-            taps = cols[:, None] + torch.arange(k, device=x.device)  # (n, K) positions in xp
-            crossing = (seg[rows[:, None], taps] != seq_idx[rows, cols][:, None]).to(x.dtype)  # (n, K)
-            window = xp[rows[:, None], :, taps]  # (n, K, E)
-            correction = torch.einsum("nke,ek,nk->ne", window, weight, crossing)
-            out = out.transpose(1, 2).index_put((rows, cols), -correction, accumulate=True).transpose(1, 2)
-    return out
+def causal_conv1d(x, weight, bias=None, prefix=None, seq_idx=None, silu=False):
+    """`causal_conv1d_ref`'s contract (and SiLU after it when `silu`), computed by `CausalConv1d`."""
+    return CausalConv1d.apply(x, weight, bias, prefix, seq_idx, silu)
 
 
 def ssd_scan_ref(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=None):
@@ -282,8 +326,8 @@ class _SSDLayout:
         self.x = x.view(b, c, L, h, p)
         self.dt = dt.view(b, c, L, h)
         self.cs = torch.cumsum(self.dt * A, dim=2)  # (B, C, L, H) log decay from the chunk start
-        self.B = B.view(b, c, L, g, n).transpose(2, 3)  # (B, C, G, L, N)
-        self.C = C.view(b, c, L, g, n).transpose(2, 3)
+        self.B = self.groups(B.view(b, c, L, g, n))  # (B, C, G, L, N)
+        self.C = self.groups(C.view(b, c, L, g, n))
         causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
         if seq_idx is None:
             self.keep, self.m_out, self.m_in, self.m_pass = causal, None, None, None
@@ -297,9 +341,17 @@ class _SSDLayout:
             self.m_pass = (seg_end == seg_in).unsqueeze(-1).to(x.dtype)  # (B, C, 1)
 
     def groups(self, v):
-        """(B, C, L, H, P) -> (B, C, G, L, H/G*P), a view when G = 1."""
+        """(B, C, L, H, P) or (B, C, L, G, N) -> (B, C, G, L, H/G*P or N); for one group a plain view
+        (matmul copies a transposed size-1 dimension)."""
         b, c, L, g = self.b, self.c, self.L, self.g
+        if g == 1:
+            return v.reshape(b, c, 1, L, -1)
         return v.reshape(b, c, L, g, -1).transpose(2, 3)
+
+    def ungroup(self, v):
+        """(B, C, G, L, H/G*P) -> (B, C, L, H, P), the inverse of `groups`."""
+        b, c, L, h, p = self.b, self.c, self.L, self.h, self.p
+        return v.view(b, c, L, h, p) if self.g == 1 else v.transpose(2, 3).reshape(b, c, L, h, p)
 
     def heads(self, v):
         """(B, C, L, H, P) -> contiguous (B, C, H, L, P)."""
@@ -307,7 +359,7 @@ class _SSDLayout:
 
     def decay_within(self):
         """exp(cs_l - cs_s) for causal same-segment pairs of a chunk, else 0: (B, C, H, L, L)."""
-        cs = self.cs.transpose(2, 3)  # (B, C, H, L)
+        cs = self.cs.transpose(2, 3).contiguous()  # (B, C, H, L); contiguous, so the (L, L) result is too
         return (cs[..., :, None] - cs[..., None, :]).masked_fill_(~self.keep, -torch.inf).exp_()
 
     def decay_out(self):
@@ -374,8 +426,7 @@ class SSDChunkScan(torch.autograd.Function):
         z = _SSDLayout(x, dt, A, B, C, chunk_size, seq_idx)
         b, c, h, p, L = z.b, z.c, z.h, z.p, z.L
         # 1. within chunks: y_l = sum_{s<=l} C_l.B_s exp(cs_l - cs_s) dt_s x_s
-        xdt = torch.empty(b, c, h, L, p, dtype=x.dtype, device=x.device)
-        torch.mul(z.x.transpose(2, 3), z.dt.transpose(2, 3)[..., None], out=xdt)
+        xdt = z.heads(z.x).mul_(z.dt.transpose(2, 3)[..., None])  # (B, C, H, L, P)
         M = z.within(z.decay_within(), torch.matmul(z.C, z.B.transpose(-1, -2)))
         y = torch.matmul(M, xdt)  # (B, C, H, L, P)
         del M, xdt
@@ -391,19 +442,19 @@ class SSDChunkScan(torch.autograd.Function):
             states[:, k].copy_(s)
             s = s_next
         # 4. output of the entering state: y_l += exp(cs_l) C_l . entering
-        y_in = torch.matmul(z.C, states)  # (B, C, G, L, H/G*P)
-        y_in = y_in.transpose(2, 3).reshape(b, c, L, h, p)
+        y_in = z.ungroup(torch.matmul(z.C, states)).mul_(z.decay_in()[..., None])  # (B, C, L, H, P)
         out = torch.empty(b, c, L, h, p, dtype=x.dtype, device=x.device)
-        out = z.unpad(torch.addcmul(y.transpose(2, 3), y_in, z.decay_in()[..., None], out=out))
+        out = z.unpad(torch.add(y.transpose(2, 3), y_in, out=out))
         if D is not None:
             out.addcmul_(x, D[:, None])
-        ctx.save_for_backward(x, dt, A, B, C, D, states, seq_idx)
+        # y_in is kept for its log-decay gradient: recomputing it would cost a state-sized matmul
+        ctx.save_for_backward(x, dt, A, B, C, D, states, y_in if any(ctx.needs_input_grad) else None, seq_idx)
         ctx.chunk_size, ctx.has_initial_state = chunk_size, initial_state is not None
         return out, _states_to_bhpn(s, z)
 
     @staticmethod
     def _backward(ctx, dy, dfinal):
-        x, dt, A, B, C, D, entering, seq_idx = ctx.saved_tensors
+        x, dt, A, B, C, D, entering, y_in, seq_idx = ctx.saved_tensors
         z = _SSDLayout(x, dt, A, B, C, ctx.chunk_size, seq_idx)
         b, c, h, p, L = z.b, z.c, z.h, z.p, z.L
         dy = dy.contiguous()
@@ -413,8 +464,7 @@ class SSDChunkScan(torch.autograd.Function):
         dy_od = dyc * z.decay_in()[..., None]  # (B, C, L, H, P)
         dy_od_g = z.groups(dy_od)  # (B, C, G, L, H/G*P)
         dC = torch.matmul(dy_od_g, entering.transpose(-1, -2))  # (B, C, G, L, N)
-        y_in = torch.matmul(z.C, entering).transpose(2, 3).reshape(b, c, L, h, p)
-        dcs = (dy_od * y_in).sum(-1)  # (B, C, L, H)
+        dcs = torch.linalg.vecdot(dyc, y_in)  # (B, C, L, H): y_in already carries exp(cs)
         del y_in
         d_entering = torch.matmul(z.C.transpose(-1, -2), dy_od_g)  # (B, C, G, N, H/G*P)
         del dy_od, dy_od_g
@@ -433,9 +483,9 @@ class SSDChunkScan(torch.autograd.Function):
         # 2. states = B^T (x * dt * w)
         w = z.decay_out()  # (B, C, L, H)
         coef = z.dt * w
-        u = torch.matmul(z.B, d_states).transpose(2, 3).reshape(b, c, L, h, p)  # d(x * coef)
+        u = z.ungroup(torch.matmul(z.B, d_states))  # d(x * coef), (B, C, L, H, P)
         dx = u * coef[..., None]
-        dcoef = (u * z.x).sum(-1)  # (B, C, L, H)
+        dcoef = torch.linalg.vecdot(u, z.x)  # (B, C, L, H)
         del u
         ddt = dcoef * w
         dwe = dcoef * coef  # d(log w)
@@ -448,8 +498,7 @@ class SSDChunkScan(torch.autograd.Function):
         dec = z.decay_within()
         CB = torch.matmul(z.C, z.B.transpose(-1, -2))  # (B, C, G, L, L)
         dy_h = z.heads(dyc)
-        xdt = torch.empty(b, c, h, L, p, dtype=x.dtype, device=x.device)
-        torch.mul(z.x.transpose(2, 3), z.dt.transpose(2, 3)[..., None], out=xdt)
+        xdt = z.heads(z.x).mul_(z.dt.transpose(2, 3)[..., None])
         dMd = torch.matmul(dy_h, xdt.transpose(-1, -2)).mul_(dec)  # dM * decay, (B, C, H, L, L)
         del xdt
         dCB = dMd.view(b, c, z.g, -1, L, L).sum(3)  # (B, C, G, L, L)
@@ -460,7 +509,7 @@ class SSDChunkScan(torch.autograd.Function):
         dxdt = torch.matmul(M.transpose(-1, -2), dy_h).transpose(2, 3)  # (B, C, L, H, P)
         del M, dy_h
         dx.addcmul_(dxdt, z.dt[..., None])
-        ddt += (dxdt * z.x).sum(-1)
+        ddt += torch.linalg.vecdot(dxdt, z.x)
         del dxdt
         dC += torch.matmul(dCB, z.B)
         dB += torch.matmul(dCB.transpose(-1, -2), z.C)
@@ -472,7 +521,7 @@ class SSDChunkScan(torch.autograd.Function):
         dD = None
         if D is not None:
             dx.addcmul_(dy, D[:, None])
-            dD = (dy * x).sum((0, 1, 3))
+            dD = torch.linalg.vecdot(dy, x).sum((0, 1))
         dB = z.unpad(dB.transpose(2, 3))
         dC = z.unpad(dC.transpose(2, 3))
         return dx, z.unpad(ddt), dA, dB, dC, dD, d_initial, None, None
@@ -528,6 +577,54 @@ def _use_kernels(module: nn.Module, x: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
+def _at_least_fp32(t):
+    """fp32 for half types, unchanged for fp32 and fp64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """weight * rmsnorm(x [* silu(gate)]) per group of `group_size` channels, statistics in fp32.
+
+    The same arithmetic as transformers' LlamaRMSNorm (and mamba-ssm's gated norm with
+    norm_before_gate=False), with a hand-written backward that keeps only the inputs and the
+    per-group statistic: the normalised tensor is recomputed, which saves the several full-size
+    intermediates autograd would keep and their extra passes.
+    """
+
+    @staticmethod
+    def _normalise(x, gate, eps, group_size):
+        h = _at_least_fp32(x)
+        if gate is not None:
+            h = h * F.silu(_at_least_fp32(gate))
+        grouped = h.view(*h.shape[:-1], -1, group_size)
+        rstd = torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)  # (..., groups, 1)
+        return h, grouped, rstd
+
+    @staticmethod
+    def forward(ctx, x, weight, gate, eps, group_size):
+        _, grouped, rstd = RMSNormFunction._normalise(x, gate, eps, group_size)
+        ctx.save_for_backward(x, weight, gate, rstd)
+        ctx.eps, ctx.group_size = eps, group_size
+        return weight * (grouped * rstd).view(x.shape).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, gate, rstd = ctx.saved_tensors
+        h, grouped, _ = RMSNormFunction._normalise(x, gate, ctx.eps, ctx.group_size)
+        normed = (grouped * rstd).view(x.shape)
+        dweight = (dout * normed.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        dn = _at_least_fp32(dout * weight).view(grouped.shape)
+        n = normed.view(grouped.shape)
+        dh = (rstd * (dn - n * (dn * n).mean(-1, keepdim=True))).view(x.shape)
+        dgate = None
+        if gate is not None:
+            g = _at_least_fp32(gate)
+            if ctx.needs_input_grad[2]:
+                dgate = torch.ops.aten.silu_backward(dh * _at_least_fp32(x), g).to(gate.dtype)
+            dh = dh * F.silu(g)
+        return dh.to(x.dtype), dweight, dgate, None, None
+
+
 class HybridMambaRMSNorm(nn.Module):
     def __init__(self, hidden_size, eps=1e-6):
         super().__init__()
@@ -535,11 +632,7 @@ class HybridMambaRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states):
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        return RMSNormFunction.apply(hidden_states, self.weight, None, self.variance_epsilon, hidden_states.shape[-1])
 
     def extra_repr(self):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -555,12 +648,7 @@ class HybridMambaRMSNormGated(nn.Module):
         self.group_size = group_size
 
     def forward(self, hidden_states, gate):
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32) * F.silu(gate.to(torch.float32))
-        *prefix, d = hidden_states.shape
-        grouped = hidden_states.view(*prefix, d // self.group_size, self.group_size)
-        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * grouped.view(*prefix, d).to(input_dtype)
+        return RMSNormFunction.apply(hidden_states, self.weight, gate, self.variance_epsilon, self.group_size)
 
 
 class HybridMambaRotaryEmbedding(nn.Module):
@@ -696,16 +784,16 @@ class _MambaMixerBase(nn.Module):
                 p._no_weight_decay = True
 
     def _conv(self, xBC, cache, seq_idx, prefix=None):
-        """xBC (B, E, T) -> conv output (B, E, T) before activation, updating the conv cache.
+        """xBC (B, E, T) -> silu(conv(xBC)) (B, E, T), updating the conv cache.
 
         The earlier inputs come from the cache when there is one, else from `prefix` (B, E, >= K - 1).
         """
         prefix = cache.get_conv_state(self.layer_idx) if cache is not None else prefix
         w, bias = self.conv1d.weight.squeeze(1), self.conv1d.bias
         if prefix is None and seq_idx is None and _use_kernels(self, xBC) and causal_conv1d_fn is not None:
-            out = causal_conv1d_fn(xBC, w, bias, activation=None)
+            out = causal_conv1d_fn(xBC, w, bias, activation="silu")
         else:
-            out = causal_conv1d(xBC, w, bias, prefix=prefix, seq_idx=seq_idx)
+            out = causal_conv1d(xBC, w, bias, prefix=prefix, seq_idx=seq_idx, silu=True)
         if cache is not None:  # after the conv: the cached tensor is updated in place
             cache.update_conv_state(xBC, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
         return out
@@ -773,7 +861,7 @@ class HybridMamba2Mixer(_MambaMixerBase):
             y, final, xBC_in = self._step(xBC, dt, A, cache, state), None, None
         else:
             xBC_in = xBC.transpose(1, 2)  # (B, conv_dim, T)
-            xBC = F.silu(self._conv(xBC_in, cache, seq_idx, prefix)).transpose(1, 2)  # (B, T, conv_dim)
+            xBC = self._conv(xBC_in, cache, seq_idx, prefix).transpose(1, 2)  # (B, T, conv_dim), after silu
             x, B, C = xBC.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
             x = x.reshape(b, t, self.num_heads, self.head_dim)
             B = B.reshape(b, t, self.n_groups, self.d_state)
@@ -856,10 +944,9 @@ class HybridMamba1Mixer(_MambaMixerBase):
         state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
         step = state is not None and t == 1
         if step:
-            x = self._conv_step(x.transpose(1, 2), cache).transpose(1, 2)
+            x = F.silu(self._conv_step(x.transpose(1, 2), cache)).transpose(1, 2)
         else:
             x = self._conv(x.transpose(1, 2), cache, seq_idx).transpose(1, 2)
-        x = F.silu(x)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(self.dt_proj(dt).float())  # (B, T, E); the module call keeps adapters on dt_proj active
         if step:

@@ -140,9 +140,9 @@ def activation_bytes_per_token(config, kind: str, seq_len: int, act_bytes: int, 
     a, f = act_bytes, FP32
     low = a < f  # bf16: upcasts make fp32 copies where fp32 runs reuse the tensor
     T, D = seq_len, config.hidden_size
-    # RMSNorm: its input in fp32 (a copy under bf16), the rsqrt statistic (B, T, 1), the normalised
-    # tensor cast to the compute dtype, and the output (the next linear layer's input).
-    norm = f * D + f + 2 * a * D
+    # RMSNorm (a hand-written backward): its input, the rsqrt statistic (B, T, 1) in fp32, and the
+    # output (the next linear layer's input).
+    norm = 2 * a * D + f
     if kind == "mlp":
         inter = config.intermediate_size
         saved = norm + 4 * a * inter  # gate, silu(gate), up, silu(gate) * up (down_proj's input)
@@ -166,20 +166,17 @@ def activation_bytes_per_token(config, kind: str, seq_len: int, act_bytes: int, 
         L = min(config.mamba_chunk_size, T) if device == "cuda" else min(config.mamba_chunk_size, CPU_CHUNK_SIZE, T)
         C = math.ceil(T / L)
         saved = norm
-        # in_proj output [z, xBC, dt] (fp32 runs only: silu(z) keeps a view of it, which under bf16 reads
-        # an fp32 copy of z instead, counted with the gated norm)
-        saved += 0 if low else a * (2 * E + 2 * G * N + H)
-        # The conv: its left-padded input (B, conv_dim, T + K - 1) and its output (silu's input). With
-        # packed documents the taps crossing a boundary are corrected at the first K - 1 tokens of each
-        # document only, a few values per document: not counted.
-        saved += a * conv * (T + K - 1) / T + a * conv
-        # The scan keeps its inputs only and recomputes every within-chunk tensor in its backward:
-        # x, B, C in fp32 (silu's output, or fp32 copies of it under bf16), dt + bias, softplus and
-        # the clamped dt (B, T, H), and the state entering each chunk (B, C, H, P, N).
-        saved += f * conv + 3 * f * H + f * E * N * C / T
-        # Gated RMSNorm: fp32 y, silu(z) (and z's fp32 copy under bf16), y * silu(z), its normalised
-        # form (fp32, or cast to bf16), the output (out_proj's input); rsqrt per group.
-        saved += (3 * f + (f if low else 0) + 2 * a) * E + f * G
+        # in_proj output [z, xBC, dt], kept whole by the views of it that the conv (xBC) and the gated
+        # norm (z) keep. The conv + SiLU keeps nothing else: its backward recomputes the rest.
+        saved += a * (2 * E + 2 * G * N + H)
+        # The scan keeps its inputs, the state entering each chunk (B, C, H, P, N) and the entering
+        # states' share of its output (B, T, H, P), and recomputes every within-chunk tensor in its
+        # backward: x, B, C in fp32 (silu's output, or fp32 copies of it under bf16), dt + bias,
+        # softplus and the clamped dt (B, T, H).
+        saved += f * conv + 3 * f * H + f * E * N * C / T + f * E
+        # Gated RMSNorm (a hand-written backward): y in the compute dtype, the output (out_proj's
+        # input), rsqrt per group in fp32; z is a view of in_proj's output.
+        saved += 2 * a * E + f * G
         # Backward: the within-chunk decays and their gradient (B, C, H, L, L), recomputed.
         return saved, 2 * f * H * L * C * L / T
     if kind == "mamba1":
@@ -188,7 +185,6 @@ def activation_bytes_per_token(config, kind: str, seq_len: int, act_bytes: int, 
         E, N, R, K = config.mamba_d_inner, config.mamba_d_state, config.mamba_dt_rank, config.mamba_d_conv
         chunk = inspect.signature(selective_scan_ref).parameters["chunk_size"].default  # the mixer calls it with the default
         saved = norm + a * 2 * E  # in_proj output [x, z]
-        saved += a * E * (T + K - 1) / T + a * E  # the conv's padded input and its output (see mamba2)
         saved += a * E + a * (R + 2 * N)  # x_proj's contiguous input, its output [dt, B, C]
         saved += 4 * f * E  # dt_proj output in fp32, softplus(dt), u = silu(conv) in fp32, dt * u
         saved += a * N + (f * N if low else 0)  # C per chunk for the einsum; B's fp32 copy under bf16
