@@ -13,6 +13,7 @@ The baselines' configs are derived from ours.
 Measured, with warmup iterations not counted:
 - training step: forward with labels, backward, AdamW step at batch 4 x 512; tokens/s, median;
 - prefill latency (no grad, batch 1, use_cache=False) at 512, 2048 and 8192 tokens; median;
+- one Mamba mixer of ours alone at the same lengths: time per token (constant if linear in length);
 - decode latency per token (no grad, batch 1): a prompt of 128, 1024 or 4096 tokens is prefilled
   with use_cache=True, then 32 single-token steps are timed one by one; p50/p95/p99;
 - peak memory of the training step: each model trains in a fresh subprocess, which reports
@@ -299,6 +300,27 @@ def measure_prefill(models: dict, plan: Plan, seed: int) -> dict:
 
 
 @torch.no_grad()
+def measure_mamba_mixer(model, plan: Plan, seed: int) -> dict | None:
+    """Forward time per token of one Mamba mixer of ours alone (batch 1, no grad) at each prefill length.
+
+    Linear cost in length means a constant time per token; the model's prefill mixes in the attention
+    layers, whose cost per token grows with length. None when the model has no Mamba layer.
+    """
+    layers = [layer for layer in model.model.layers if getattr(layer, "mixer_type", "attention") != "attention"]
+    if not layers:
+        return None
+    mixer, device = layers[0].mamba, next(model.parameters()).device
+    results = {}
+    for length, reps in zip(plan.prefill_lengths, plan.prefill_reps, strict=True):
+        x = torch.randn(1, length, model.config.hidden_size, generator=torch.Generator().manual_seed(seed + length)).to(device)
+        times = [_timed(lambda: mixer(x), device) for _ in range(plan.warmup + reps)][plan.warmup :]
+        med = statistics.median(times)
+        results[str(length)] = {"times_s": times, "median_s": med, "us_per_token": med / length * 1e6}
+        logger.info("mamba mixer %d tokens: %.1f us/token", length, med / length * 1e6)
+    return results
+
+
+@torch.no_grad()
 def measure_decode(models: dict, plan: Plan, seed: int) -> dict:
     vocab = next(iter(models.values())).config.vocab_size
     n_steps = plan.decode_warmup + plan.decode_steps
@@ -498,6 +520,20 @@ def to_markdown(results: dict) -> str:
         [(length, {n: r["median_s"] * 1e3 for n, r in by_model.items()}) for length, by_model in results["prefill"].items()],
         ".1f",
     )
+    if results.get("mamba_mixer"):
+        mix = results["mamba_mixer"]
+        first = next(iter(mix.values()))["us_per_token"]
+        lines += [
+            "## Mamba mixer alone: time per token (us, lower is better)",
+            "",
+            "Ours' first Mamba mixer, batch 1, no grad, forward only, median over the prefill repetitions. "
+            "A scan linear in length keeps this constant; the ratio is to the shortest length.",
+            "",
+            "| tokens | us/token | ratio to " + next(iter(mix)) + " |",
+            "|---|---|---|",
+            *[f"| {length} | {r['us_per_token']:.1f} | {r['us_per_token'] / first:.2f} |" for length, r in mix.items()],
+            "",
+        ]
     rows = []
     for prompt_len, by_model in results["decode"].items():
         for q in ("p50", "p95", "p99"):
@@ -584,6 +620,7 @@ def run_benchmark(
         logger.info("parameters: %s", ", ".join(f"{n} {c / 1e6:.2f}M" for n, c in results["parameters"].items()))
         results["training"] = measure_training(models, plan, seed)
         results["prefill"] = measure_prefill(models, plan, seed)
+        results["mamba_mixer"] = measure_mamba_mixer(models["ours"], plan, seed)
         results["decode"] = measure_decode(models, plan, seed)
     finally:
         torch.set_num_threads(previous_threads)

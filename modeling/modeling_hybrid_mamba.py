@@ -78,7 +78,48 @@ CPU_BLOCK_TOKENS = 1024
 for _name in ("mamba", "mamba1", "mamba2"):
     DYNAMIC_LAYER_TYPE_MAPPING[_name] = LinearAttentionLayer
     STATIC_LAYER_TYPE_MAPPING[_name] = LinearAttentionLayer
-DYNAMIC_LAYER_TYPE_MAPPING["attention"] = DynamicLayer
+
+
+class HybridMambaKVLayer(DynamicLayer):
+    """`DynamicLayer` whose keys and values live in buffers grown by half again when full.
+
+    DynamicLayer concatenates every new token onto the whole cache, a copy that grows with the context;
+    here a token is written into spare room, so a decode step's cost does not grow with the cache
+    (beyond attention reading it). `keys` / `values` are always exactly the cached tokens, views of
+    the buffers; whatever replaces them (crop, beam reordering, offloading) is honoured at the next
+    update, which then starts new buffers.
+    """
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, m = self.get_seq_length(), key_states.shape[-2]
+        kb, vb = getattr(self, "_key_buffer", None), getattr(self, "_value_buffer", None)
+        reusable = (
+            kb is not None and n > 0
+            and self.keys.data_ptr() == kb.data_ptr() and self.values.data_ptr() == vb.data_ptr()
+            and self.keys.shape[:-2] == key_states.shape[:-2] and kb.shape[-2] >= n + m
+            and kb.dtype == key_states.dtype and kb.device == key_states.device
+        )
+        if not reusable:
+            capacity = n + m + max(256, (n + m) // 2)
+            kb = key_states.new_empty(*key_states.shape[:-2], capacity, key_states.shape[-1])
+            vb = value_states.new_empty(*value_states.shape[:-2], capacity, value_states.shape[-1])
+            if n:
+                kb[..., :n, :] = self.keys
+                vb[..., :n, :] = self.values
+            self._key_buffer, self._value_buffer = kb, vb
+        kb[..., n : n + m, :] = key_states
+        vb[..., n : n + m, :] = value_states
+        self.keys, self.values = kb[..., : n + m, :], vb[..., : n + m, :]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        self._key_buffer = self._value_buffer = None
+        super().reset()
+
+
+DYNAMIC_LAYER_TYPE_MAPPING["attention"] = HybridMambaKVLayer
 STATIC_LAYER_TYPE_MAPPING["attention"] = StaticLayer
 
 
@@ -625,6 +666,15 @@ class RMSNormFunction(torch.autograd.Function):
         return dh.to(x.dtype), dweight, dgate, None, None
 
 
+def _rms_norm(x, weight, gate, eps, group_size):
+    """RMSNormFunction when a gradient is wanted; without one (inference, decode) the same forward
+    without the autograd.Function's per-call overhead."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (gate is not None and gate.requires_grad)):
+        return RMSNormFunction.apply(x, weight, gate, eps, group_size)
+    _, grouped, rstd = RMSNormFunction._normalise(x, gate, eps, group_size)
+    return weight * (grouped * rstd).view(x.shape).to(x.dtype)
+
+
 class HybridMambaRMSNorm(nn.Module):
     def __init__(self, hidden_size, eps=1e-6):
         super().__init__()
@@ -632,7 +682,7 @@ class HybridMambaRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states):
-        return RMSNormFunction.apply(hidden_states, self.weight, None, self.variance_epsilon, hidden_states.shape[-1])
+        return _rms_norm(hidden_states, self.weight, None, self.variance_epsilon, hidden_states.shape[-1])
 
     def extra_repr(self):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -648,7 +698,7 @@ class HybridMambaRMSNormGated(nn.Module):
         self.group_size = group_size
 
     def forward(self, hidden_states, gate):
-        return RMSNormFunction.apply(hidden_states, self.weight, gate, self.variance_epsilon, self.group_size)
+        return _rms_norm(hidden_states, self.weight, gate, self.variance_epsilon, self.group_size)
 
 
 class HybridMambaRotaryEmbedding(nn.Module):

@@ -39,12 +39,14 @@ def test_bench_speed_writes_json_and_markdown(tmp_path, monkeypatch):
     assert set(data["training"]) == models and len(data["training"]["ours"]["tokens_per_s"]) == 1
     assert set(data["prefill"]) == {"16", "24"} and set(data["prefill"]["24"]) == models
     assert "median_s" in data["prefill"]["16"]["bamba"]
+    assert set(data["mamba_mixer"]) == {"16", "24"} and data["mamba_mixer"]["24"]["us_per_token"] > 0
     assert {"p50_s", "p95_s", "p99_s"} <= set(data["decode"]["8"]["llama"])
     assert len(data["decode"]["8"]["ours"]["step_s"]) == 3
     assert set(data["memory"]) == models and {"peak_over_build_mib", "peak_rss_mib"} <= set(data["memory"]["ours"])
 
     md = (out / "bench_speed.md").read_text()
-    for title in ("## Parameters", "## Training step throughput", "## Prefill latency", "## Decode latency", "## Training step peak memory"):
+    for title in ("## Parameters", "## Training step throughput", "## Prefill latency", "## Mamba mixer alone",
+                  "## Decode latency", "## Training step peak memory"):
         assert title in md
     assert "| ours | bamba | llama | llama_shape | ours/bamba | ours/llama | ours/llama_shape |" in md
     assert not list(out.glob("*.tmp"))

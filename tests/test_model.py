@@ -238,3 +238,29 @@ def test_long_inputs_in_blocks_equal_one_pass(monkeypatch):
     for n, p in m.named_parameters():
         if n in grads:
             torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4, msg=lambda s: f"{n}: {s}")
+
+
+def test_attention_cache_appends_in_place_and_honours_crop():
+    """Attention layers' cache grows by writing into spare room (no copy of the whole cache per token);
+    cropping and continuing gives what a cache of the cropped prefix gives."""
+    m, x = model_for("hybrid"), ids(t=40)
+    attn = [i for i, t in enumerate(m.config.layer_types) if t == "attention"][0]
+    with torch.no_grad():
+        full = m(x, use_cache=False).logits
+        out = m(x[:, :2], use_cache=True)
+        cache, buffers = out.past_key_values, set()
+        for i in range(2, 40):
+            out = m(x[:, i : i + 1], past_key_values=cache, use_cache=True)
+            buffers.add(cache.layers[attn]._key_buffer.data_ptr())
+            torch.testing.assert_close(out.logits[:, -1], full[:, i], atol=1e-5, rtol=1e-5)
+        assert len(buffers) == 1  # 38 appends, no reallocation
+        assert cache.layers[attn].keys.shape[-2] == 40
+        # crop the attention layers' last 5 tokens; Mamba layers cannot be cropped, so compare only
+        # the attention cache contents against a fresh prefill of the first 35 tokens
+        layer = cache.layers[attn]
+        layer.crop(-5)
+        fresh = m(x[:, :35], use_cache=True).past_key_values.layers[attn]
+        torch.testing.assert_close(layer.keys, fresh.keys)
+        k, v = layer.update(torch.ones_like(layer.keys[..., :1, :]), torch.ones_like(layer.values[..., :1, :]))
+        assert k.shape[-2] == 36 and bool((k[..., 35, :] == 1).all())
+        torch.testing.assert_close(k[..., :35, :], fresh.keys)
