@@ -234,6 +234,7 @@ class CausalConv1d(torch.autograd.Function):
     def backward(ctx, dout):
         x, weight, bias, prefix, seq_idx = ctx.saved_tensors
         k, t = weight.shape[-1], x.shape[-1]
+        x = x.contiguous()  # once, for both convs below (x is usually a tokens-major view)
         xp, pre, cross = CausalConv1d._pre(x, weight, bias, prefix, seq_idx)
         dout = (torch.ops.aten.silu_backward(dout, pre) if ctx.silu else dout).contiguous()
         b, e = dout.shape[:2]
@@ -651,18 +652,26 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, weight, gate, rstd = ctx.saved_tensors
-        h, grouped, _ = RMSNormFunction._normalise(x, gate, ctx.eps, ctx.group_size)
-        normed = (grouped * rstd).view(x.shape)
-        dweight = (dout * normed.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
-        dn = _at_least_fp32(dout * weight).view(grouped.shape)
-        n = normed.view(grouped.shape)
-        dh = (rstd * (dn - n * (dn * n).mean(-1, keepdim=True))).view(x.shape)
-        dgate = None
+        gs = ctx.group_size
+        xf = _at_least_fp32(x)
         if gate is not None:
             g = _at_least_fp32(gate)
+            silu = F.silu(g)
+            h = xf * silu
+        else:
+            h = xf
+        n = h.view(*h.shape[:-1], -1, gs) * rstd  # the normalised input, (..., groups, group size)
+        dweight = None
+        if ctx.needs_input_grad[1]:
+            dweight = (dout * n.view(x.shape).to(x.dtype)).reshape(-1, x.shape[-1]).sum(0)
+        dn = _at_least_fp32(dout * weight).view(n.shape)
+        mean = torch.linalg.vecdot(dn, n).unsqueeze(-1) / gs
+        dh = (torch.addcmul(dn, n, mean, value=-1) * rstd).view(x.shape)
+        dgate = None
+        if gate is not None:
             if ctx.needs_input_grad[2]:
-                dgate = torch.ops.aten.silu_backward(dh * _at_least_fp32(x), g).to(gate.dtype)
-            dh = dh * F.silu(g)
+                dgate = torch.ops.aten.silu_backward(dh * xf, g).to(gate.dtype)
+            dh = dh * silu
         return dh.to(x.dtype), dweight, dgate, None, None
 
 
