@@ -46,7 +46,7 @@ demo: $(VENV)/.installed
 	$(PY) -m hub_cards.reload --repo $(DEMO_REPO) --clone $(DEMO_REPO)-clone
 	@echo "data: $(DEMO_DATA)  run: $(DEMO_RUN)  published repo: $(DEMO_REPO) (card: $(DEMO_REPO)/README.md)  clone: $(DEMO_REPO)-clone"
 
-# The CPU speed benchmark of the model against Bamba and Llama (about 4 minutes).
+# The CPU speed benchmark of the model against Bamba and two Llamas (about 5 minutes).
 bench: $(VENV)/.installed
 	$(PY) -m eval_harness.bench_speed --out results/bench_speed
 

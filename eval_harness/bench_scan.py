@@ -4,8 +4,8 @@
 
 For each shape (batch x tokens: 4 x 512, 1 x 2048, 1 x 8192) and chunk length, times
 `ssd_scan_ref` (autograd through the readable reference) and `ssd_scan` (the model's path, a
-hand-written backward) forward-only and forward + backward, and `causal_conv1d_ref` against
-`causal_conv1d`. Heads, head size and state are the speed benchmark's (16 x 64, state 128, one group;
+hand-written backward) forward-only and forward + backward, and `causal_conv1d_ref` then SiLU against
+`causal_conv1d(..., silu=True)` on a channels-last input, as the model calls them. Heads, head size and state are the speed benchmark's (16 x 64, state 128, one group;
 conv width 4 over 1280 channels). Implementations take turns inside every repetition; medians.
 Writes bench_scan.json and bench_scan.md into --out and prints the table. This is what
 CPU_CHUNK_SIZE in the modeling file was chosen from. A full run takes about 3 minutes on 2 cores.
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import HfArgumentParser
 
 from eval_harness.bench_speed import machine_info
@@ -60,7 +61,8 @@ def measure(shapes, chunks, reps, backward_up_to) -> list[dict]:
     for b, t in shapes:
         x, dt, A, B, C, D = _inputs(b, t)
         gy = torch.randn(b, t, HEADS, HEAD_DIM)
-        conv_x = torch.randn(b, CONV_CHANNELS, t, requires_grad=True)
+        # as in the model: a channels-last view of in_proj's (B, T, E) output
+        conv_x = torch.randn(b, t, CONV_CHANNELS).transpose(1, 2).requires_grad_()
         conv_w = torch.randn(CONV_CHANNELS, CONV_WIDTH, requires_grad=True)
         conv_b = torch.randn(CONV_CHANNELS, requires_grad=True)
         calls = {}
@@ -77,7 +79,9 @@ def measure(shapes, chunks, reps, backward_up_to) -> list[dict]:
                 calls[(name, chunk, "forward")] = fwd
                 if b * t <= backward_up_to:
                     calls[(name, chunk, "forward+backward")] = both
-        for name, fn in (("causal_conv1d_ref", causal_conv1d_ref), ("causal_conv1d", causal_conv1d)):
+        ref_silu = lambda *a: F.silu(causal_conv1d_ref(*a))  # noqa: E731  (the model applies SiLU after the conv)
+        fast_silu = lambda *a: causal_conv1d(*a, silu=True)  # noqa: E731
+        for name, fn in (("causal_conv1d_ref", ref_silu), ("causal_conv1d", fast_silu)):
             def cfwd(fn=fn):
                 with torch.no_grad():
                     fn(conv_x, conv_w, conv_b)

@@ -6,8 +6,11 @@ into every saved model folder. The layer layout comes from ``config.layer_types`
 Notation in shape comments: B batch, T tokens, D hidden size, H heads, P head size, G groups,
 N state size, K conv width, C chunks, L chunk length.
 
-Pure-torch mixers are the reference and always work. On CUDA, mamba-ssm and causal-conv1d kernels
-are used when importable (``config.use_mamba_kernels``); flash-attn through transformers'
+Pure-torch mixers always work. ``ssd_scan_ref``, ``selective_scan_ref`` and ``causal_conv1d_ref`` are
+the readable references; the Mamba-2 path runs ``ssd_scan`` and ``causal_conv1d`` (and the norms
+``RMSNormFunction``), the same arithmetic with hand-written backwards that keep only their inputs,
+tested against the references (values, gradients, gradcheck). On CUDA, mamba-ssm and causal-conv1d
+kernels are used when importable (``config.use_mamba_kernels``); flash-attn through transformers'
 ``attn_implementation``. Kernels never read the weight of a projection: ``in_proj``, ``out_proj``,
 ``x_proj`` and ``dt_proj`` are always called as modules, so PEFT adapters on them take effect.
 
@@ -63,9 +66,9 @@ except ImportError:
 logger = logging.get_logger(__name__)
 
 # Chunk length of the pure-torch SSD scan on CPU. The result does not depend on it (up to rounding);
-# `config.mamba_chunk_size` is the kernels' choice. Scan alone, forward + backward, 2 threads,
-# 16 heads of 64, state 128 (python -m eval_harness.bench_scan): 64 is the fastest or within 5% of
-# it from 512 to 8192 tokens, and 256 is 1.3-2x slower.
+# `config.mamba_chunk_size` is the kernels' choice. The scan alone, forward + backward, 2 threads,
+# 16 heads of 64, state 128 (python -m eval_harness.bench_scan, docs/results/bench_scan.md): 64 is
+# the fastest of 32/64/128/256 at 4x512 and 1x2048 tokens (and forward at 8192); 256 is 1.7-2.1x slower.
 CPU_CHUNK_SIZE = 64
 # Longest block of tokens a Mamba-2 mixer processes at once on CPU (longer inputs without segments are
 # split, the state carried across). One mixer's forward, batch 1, 2 threads, microseconds per token at
