@@ -85,3 +85,16 @@ def test_bench_any_baselines_ttft_and_plot(tmp_path, monkeypatch):
         bench.run(bench.BenchArgs(model=str(folder), baselines="gpt2"))
     with pytest.raises(ValueError, match="neither a folder nor a preset"):
         bench.resolve_config("no-such-preset")
+
+
+def test_bench_scan_quick_writes_reference_and_fast_rows(tmp_path):
+    from eval_harness import bench_scan
+
+    bench_scan.main(["--quick", "--out", str(tmp_path), "--threads", "1"])
+    data = json.loads((tmp_path / "bench_scan.json").read_text())
+    ops = {(r["op"], r["mode"]) for r in data["rows"]}
+    for op in ("ssd_scan_ref", "ssd_scan", "causal_conv1d_ref", "causal_conv1d"):
+        assert (op, "forward") in ops and (op, "forward+backward") in ops
+    assert all(r["median_ms"] > 0 for r in data["rows"])
+    md = (tmp_path / "bench_scan.md").read_text()
+    assert "| 1 x 128 | ssd_scan | 32 | forward+backward |" in md

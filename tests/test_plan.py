@@ -181,12 +181,15 @@ def test_activation_formulas_match_saved_tensors(mamba_version, precision, packe
 # CPU predictions against measured peak RSS
 # ----------------------------------------------------------------------------------------------
 
-# (preset, micro-batch, seq-len, activation checkpointing, packed documents): 1-5 s each on one thread.
+# (preset, micro-batch, seq-len, activation checkpointing, packed documents): 3-10 s each on one
+# thread. Sizes where activations are hundreds of MiB: the runtime's own share of the peak (code
+# pages and allocator state touched during the first steps) differs by about 20 MiB between two
+# venvs of the same packages on this machine, too much against tens of MiB of activations.
 MEASURED_CASES = [
-    ("debug", 4, 512, False, False),
-    ("debug", 8, 512, True, False),
-    ("tiny", 1, 256, False, True),
-    ("tiny", 1, 256, True, True),
+    ("debug", 8, 1024, False, False),
+    ("debug", 16, 1024, True, False),
+    ("tiny", 2, 512, False, True),
+    ("tiny", 4, 512, True, True),
 ]
 TOLERANCE = 0.15
 
