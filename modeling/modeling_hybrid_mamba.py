@@ -84,7 +84,8 @@ for _name in ("mamba", "mamba1", "mamba2"):
 
 
 class HybridMambaKVLayer(DynamicLayer):
-    """`DynamicLayer` whose keys and values live in buffers grown by half again when full.
+    """`DynamicLayer` whose keys and values live in buffers with spare room (256 tokens after a
+    prefill, then grown by half again whenever full).
 
     DynamicLayer concatenates every new token onto the whole cache, a copy that grows with the context;
     here a token is written into spare room, so a decode step's cost does not grow with the cache
@@ -105,7 +106,8 @@ class HybridMambaKVLayer(DynamicLayer):
             and kb.dtype == key_states.dtype and kb.device == key_states.device
         )
         if not reusable:
-            capacity = n + m + max(256, (n + m) // 2)
+            # a prefill gets room for 256 more tokens; a cache that outgrows its buffer half again
+            capacity = n + m + (256 if n == 0 else max(256, (n + m) // 2))
             kb = key_states.new_empty(*key_states.shape[:-2], capacity, key_states.shape[-1])
             vb = value_states.new_empty(*value_states.shape[:-2], capacity, value_states.shape[-1])
             if n:
