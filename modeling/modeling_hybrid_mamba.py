@@ -152,6 +152,13 @@ def segment_ids(position_ids: torch.Tensor | None, pad_mask: torch.Tensor | None
     return starts.long().cumsum(-1)
 
 
+def _padded(x, prefix, k):
+    """x (B, E, T) with the K - 1 inputs before it: the prefix's last K - 1 columns, or zeros."""
+    if prefix is None:
+        return F.pad(x, (k - 1, 0))
+    return torch.cat([prefix[..., prefix.shape[-1] - (k - 1) :].to(x.dtype), x], dim=-1)
+
+
 def causal_conv1d_ref(x, weight, bias=None, prefix=None, seq_idx=None):
     """Depthwise causal convolution. x (B, E, T), weight (E, K), prefix (B, E, >=K-1) earlier inputs.
 
@@ -162,10 +169,7 @@ def causal_conv1d_ref(x, weight, bias=None, prefix=None, seq_idx=None):
     """
     k = weight.shape[-1]
     t = x.shape[-1]
-    if prefix is None:
-        xp = F.pad(x, (k - 1, 0))
-    else:
-        xp = torch.cat([prefix[..., prefix.shape[-1] - (k - 1) :].to(x.dtype), x], dim=-1)
+    xp = _padded(x, prefix, k)
     seg = F.pad(seq_idx, (k - 1, 0), value=0) if seq_idx is not None else None  # prefix, zero pad: segment 0
     out = x * weight[:, k - 1, None]  # the last tap reads the token itself
     for j in range(k - 1):  # tap j reads token t - (k - 1 - j)
@@ -174,13 +178,6 @@ def causal_conv1d_ref(x, weight, bias=None, prefix=None, seq_idx=None):
             tap = tap * (seg[:, j : j + t] == seq_idx).unsqueeze(1).to(x.dtype)
         out = out + tap
     return out if bias is None else out + bias[:, None]
-
-
-def _padded(x, prefix, k):
-    """x (B, E, T) with the K - 1 inputs before it: the prefix's last K - 1 columns, or zeros."""
-    if prefix is None:
-        return F.pad(x, (k - 1, 0))
-    return torch.cat([prefix[..., prefix.shape[-1] - (k - 1) :].to(x.dtype), x], dim=-1)
 
 
 def _crossing_taps(seq_idx, k, t):
@@ -639,20 +636,21 @@ class RMSNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def _normalise(x, gate, eps, group_size):
+    def normalise(x, weight, gate, eps, group_size):
+        """The forward: (output, rsqrt statistic per group (..., groups, 1))."""
         h = _at_least_fp32(x)
         if gate is not None:
             h = h * F.silu(_at_least_fp32(gate))
         grouped = h.view(*h.shape[:-1], -1, group_size)
-        rstd = torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)  # (..., groups, 1)
-        return h, grouped, rstd
+        rstd = torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * (grouped * rstd).view(x.shape).to(x.dtype), rstd
 
     @staticmethod
     def forward(ctx, x, weight, gate, eps, group_size):
-        _, grouped, rstd = RMSNormFunction._normalise(x, gate, eps, group_size)
+        out, rstd = RMSNormFunction.normalise(x, weight, gate, eps, group_size)
         ctx.save_for_backward(x, weight, gate, rstd)
-        ctx.eps, ctx.group_size = eps, group_size
-        return weight * (grouped * rstd).view(x.shape).to(x.dtype)
+        ctx.group_size = group_size
+        return out
 
     @staticmethod
     def backward(ctx, dout):
@@ -685,8 +683,7 @@ def _rms_norm(x, weight, gate, eps, group_size):
     without the autograd.Function's per-call overhead."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (gate is not None and gate.requires_grad)):
         return RMSNormFunction.apply(x, weight, gate, eps, group_size)
-    _, grouped, rstd = RMSNormFunction._normalise(x, gate, eps, group_size)
-    return weight * (grouped * rstd).view(x.shape).to(x.dtype)
+    return RMSNormFunction.normalise(x, weight, gate, eps, group_size)[0]
 
 
 class HybridMambaRMSNorm(nn.Module):
