@@ -25,10 +25,46 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
+from packaging.version import Version
 from torch import nn
-from transformers import initialization as init
-from transformers.activations import ACT2FN
-from transformers.cache_utils import (
+from transformers.utils import logging
+
+# ----------------------------------------------------------------------------------------------
+# transformers compatibility: the one place that knows how the supported releases differ
+# ----------------------------------------------------------------------------------------------
+
+# The oldest and the newest transformers releases the test suite ran on (`make test-compat`,
+# docs/compat.md). Older releases lack internals used below; newer ones are allowed with a warning.
+TRANSFORMERS_FLOOR = "5.0.0"
+TRANSFORMERS_TESTED = "5.24.0"
+SUPPORTED_TRANSFORMERS = f">={TRANSFORMERS_FLOOR},<6 (tested up to {TRANSFORMERS_TESTED})"
+
+# A fixed name, so that the repository's copy and a model folder's copy of this file warn once together.
+_version_logger = logging.get_logger("hybrid_mamba")
+
+
+def _check_transformers_version(version: str) -> None:
+    v = Version(version)
+    if v.release < Version(TRANSFORMERS_FLOOR).release:
+        raise ImportError(
+            f"hybrid_mamba models need transformers {SUPPORTED_TRANSFORMERS}; found {version}. "
+            f"Install a supported release: pip install 'transformers>={TRANSFORMERS_FLOOR},<6'"
+        )
+    if v.release > Version(TRANSFORMERS_TESTED).release:
+        _version_logger.warning_once(
+            f"transformers {version} is newer than the newest release hybrid_mamba was tested with "
+            f"({TRANSFORMERS_TESTED}). If generation or loading misbehaves, install transformers=={TRANSFORMERS_TESTED}."
+        )
+
+
+_check_transformers_version(transformers.__version__)
+
+import inspect  # noqa: E402
+
+from transformers import initialization as init  # noqa: E402
+from transformers.activations import ACT2FN  # noqa: E402
+from transformers.cache_utils import (  # noqa: E402
     DYNAMIC_LAYER_TYPE_MAPPING,
     STATIC_LAYER_TYPE_MAPPING,
     Cache,
@@ -37,15 +73,34 @@ from transformers.cache_utils import (
     LinearAttentionLayer,
     StaticLayer,
 )
-from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
-from transformers.utils import can_return_tuple, logging
-from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import capture_outputs
+from transformers.generation import GenerationMixin  # noqa: E402
+from transformers.masking_utils import create_causal_mask  # noqa: E402
+from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer  # noqa: E402
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast  # noqa: E402
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update  # noqa: E402
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep  # noqa: E402
+from transformers.utils import can_return_tuple  # noqa: E402
+from transformers.utils.generic import merge_with_config_defaults  # noqa: E402
+from transformers.utils.output_capturing import capture_outputs  # noqa: E402
+
+# 5.24 renamed the cache argument and output field `past_key_values` -> `cache`: generate() passes the
+# cache to forward and prepare_inputs_for_generation under CACHE_NAME and reads it back from the output
+# field of that name, and GradientCheckpointingLayer drops the keyword of that name under checkpointing.
+# Our entry points accept both names and return the cache under the installed library's name.
+CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+_MASK_CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The cache given under either name (`cache`, transformers >= 5.24, or `past_key_values`)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("Pass the cache once, as `cache=` or as `past_key_values=`, not two different caches.")
+    return cache if cache is not None else past_key_values
+
+
+def _cache_of(outputs) -> Cache | None:
+    return getattr(outputs, CACHE_NAME, None)
+
 
 try:  # in a saved model folder, the configuration module sits beside this file
     from .configuration_hybrid_mamba import HybridMambaConfig
@@ -787,7 +842,7 @@ class HybridMambaAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, T, P)
@@ -795,8 +850,8 @@ class HybridMambaAttention(nn.Module):
         v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         if position_embeddings is not None:
             q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -978,6 +1033,15 @@ class HybridMamba2Mixer(_MambaMixerBase):
         return y.reshape(b, 1, self.d_inner)
 
 
+class HybridMambaTimestepProj(nn.Linear):
+    """Mamba-1's `dt_proj`: a Linear whose bias (the timestep offset, Mamba-2's `dt_bias`) stays fp32 when
+    the model is loaded in bf16/fp16, as mamba-ssm keeps it; the output is fp32, ready for the softplus.
+    Still an `nn.Linear`, so PEFT adapters wrap it as any projection."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight).float() + self.bias.float()
+
+
 class HybridMamba1Mixer(_MambaMixerBase):
     """Mamba-1 (selective scan) mixer, laid out as mamba-ssm's `Mamba` (and transformers' `MambaMixer`)."""
 
@@ -990,7 +1054,7 @@ class HybridMamba1Mixer(_MambaMixerBase):
             padding=config.mamba_d_conv - 1, bias=config.mamba_conv_bias,
         )
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.dt_proj = HybridMambaTimestepProj(self.dt_rank, self.d_inner, bias=True)
         self.A_log = nn.Parameter(torch.empty(self.d_inner, self.d_state, dtype=torch.float32))
         self.D = nn.Parameter(torch.empty(self.d_inner, dtype=torch.float32))
         self.out_proj = nn.Linear(self.d_inner, self.hidden_size, bias=config.mamba_proj_bias)
@@ -1058,11 +1122,13 @@ class HybridMambaDecoderLayer(GradientCheckpointingLayer):
         hidden_states,
         attention_mask=None,
         position_embeddings=None,
-        past_key_values=None,
+        cache=None,
         pad_mask=None,
         seq_idx=None,
+        past_key_values=None,
         **kwargs,
     ):
+        cache = _one_cache(cache, past_key_values)
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         if self.mixer_type == "attention":
@@ -1070,11 +1136,11 @@ class HybridMambaDecoderLayer(GradientCheckpointingLayer):
                 hidden_states,
                 position_embeddings=position_embeddings,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values,
+                cache=cache,
                 **kwargs,
             )
         else:
-            hidden_states = self.mamba(hidden_states, cache=past_key_values, pad_mask=pad_mask, seq_idx=seq_idx)
+            hidden_states = self.mamba(hidden_states, cache=cache, pad_mask=pad_mask, seq_idx=seq_idx)
         hidden_states = residual + hidden_states
         if self.mlp is not None:
             hidden_states = hidden_states + self.mlp(self.pre_mlp_layernorm(hidden_states))
@@ -1092,12 +1158,13 @@ class HybridMambaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["HybridMambaDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _is_stateful = True
-    _keep_in_fp32_modules_strict = ["mamba.A_log", "mamba.D", "mamba.dt_bias"]
+    # The SSM's decay and timestep parameters: Mamba-2's dt_bias, Mamba-1's dt_proj.bias.
+    _keep_in_fp32_modules_strict = ["mamba.A_log", "mamba.D", "mamba.dt_bias", "mamba.dt_proj.bias"]
     _can_record_outputs = {"hidden_states": HybridMambaDecoderLayer, "attentions": HybridMambaAttention}
 
     @torch.no_grad()
@@ -1178,18 +1245,21 @@ class HybridMambaModel(HybridMambaPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        r"""cache: a `Cache` from an earlier call (`past_key_values`, its name before transformers 5.24, is accepted too)."""
+        cache = _one_cache(cache, past_key_values)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         b, t = inputs_embeds.shape[:2]
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
 
         # A 2D mask without zeros carries no information: dropping it keeps the fast unmasked paths.
         if attention_mask is not None and attention_mask.dim() == 2 and bool(attention_mask.all()):
@@ -1200,15 +1270,15 @@ class HybridMambaModel(HybridMambaPreTrainedModel):
                 position_ids = (mask_2d.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
             else:
                 past = 0
-                if past_key_values is not None and "attention" in self.config.layer_types:
-                    past = past_key_values.get_seq_length()
+                if cache is not None and "attention" in self.config.layer_types:
+                    past = cache.get_seq_length()
                 position_ids = torch.arange(past, past + t, device=inputs_embeds.device).unsqueeze(0)
         pad_mask = mask_2d[:, -t:].bool() if mask_2d is not None else None
         seq_idx = segment_ids(position_ids.expand(b, -1), pad_mask) if t > 1 else None
 
         causal_mask = None
         if "attention" in self.config.layer_types:
-            mask_cache = past_key_values
+            mask_cache = cache
             if seq_idx is not None and attention_mask is None and mask_cache is not None and mask_cache.get_seq_length() == 0:
                 # Packed documents in a first forward: transformers builds the block-causal mask only
                 # when it sees no cache.
@@ -1217,8 +1287,8 @@ class HybridMambaModel(HybridMambaPreTrainedModel):
                 config=self.config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
-                past_key_values=mask_cache,
                 position_ids=position_ids,
+                **{_MASK_CACHE_KWARG: mask_cache},
             )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids) if self.rotary_emb is not None else None
 
@@ -1228,13 +1298,13 @@ class HybridMambaModel(HybridMambaPreTrainedModel):
                 hidden_states,
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
-                past_key_values=past_key_values,
                 pad_mask=pad_mask,
+                **{CACHE_NAME: cache},
                 seq_idx=seq_idx,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_NAME: cache})
 
 
 class HybridMambaForCausalLM(HybridMambaPreTrainedModel, GenerationMixin):
@@ -1255,19 +1325,21 @@ class HybridMambaForCausalLM(HybridMambaPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        r"""labels (B, T): next-token targets are `labels` shifted inside the loss; -100 is ignored."""
+        r"""labels (B, T): next-token targets are `labels` shifted inside the loss; -100 is ignored.
+        cache: a `Cache` from an earlier call (`past_key_values`, its name before transformers 5.24, is accepted too)."""
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=_one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -1280,16 +1352,23 @@ class HybridMambaForCausalLM(HybridMambaPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{CACHE_NAME: _cache_of(outputs)},
         )
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, cache_params=None, **kwargs):
-        # generate() files the cache of any class named "*mamba*" under `cache_params`.
-        if past_key_values is None:
-            past_key_values = cache_params
-        return super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
+    def prepare_inputs_for_generation(
+        self, input_ids, cache=None, inputs_embeds=None, past_key_values=None, cache_params=None, **kwargs
+    ):
+        # generate() passes the cache as `cache` (>= 5.24) or `past_key_values`; before 5.24 it filed the
+        # cache of a class named "*mamba*" under `cache_params`. `inputs_embeds` is named so that generate()
+        # knows the prompt may come as embeddings.
+        cache = _one_cache(cache, past_key_values)
+        if cache is None:
+            cache = cache_params
+        return super().prepare_inputs_for_generation(
+            input_ids, inputs_embeds=inputs_embeds, **{CACHE_NAME: cache}, **kwargs
+        )
 
 
 class HybridMambaForSequenceClassification(GenericForSequenceClassification, HybridMambaPreTrainedModel):
