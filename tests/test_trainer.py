@@ -1,6 +1,7 @@
 """The pretraining loop on CPU: arguments, resume after SIGKILL, 2 processes vs 1, failure handling."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import yaml
 from accelerate.state import AcceleratorState
 
 from trainers.args import PretrainArgs, parse_args
-from trainers.checkpoint import CheckpointManager
+from trainers.checkpoint import CheckpointError, CheckpointManager
 from trainers.data import collate_packed, load_packed
 from trainers.loop import make_accelerator, param_groups, train
 
@@ -208,3 +209,36 @@ def test_full_disk_during_checkpoint_keeps_the_previous_one(tmp_path, tiny_data,
     root = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step_00000002"]
     assert (root / "step_00000002" / "model.safetensors").stat().st_size > 1000
+
+
+def test_resume_skips_a_truncated_checkpoint_and_continues_from_the_previous_one(tmp_path, tiny_data, caplog):
+    args = _in_process_args(tmp_path, tiny_data, checkpoint_every=1, max_steps=3, eval_every=3, eval_batches=1)
+    train_ds, val_ds, tok = load_packed(args.data_dir)
+    first = train(args, make_accelerator(args), _model(tok), train_ds, val_ds, collate_packed, tok)
+    train_first, _ = losses(tmp_path / "run")
+    root = tmp_path / "run" / "checkpoints"
+    damaged = root / "step_00000002"
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # what a full disk or a kill leaves
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with caplog.at_level(logging.INFO, logger="trainers"):
+        resumed = train(args, make_accelerator(args), _model(tok), train_ds, val_ds, collate_packed, tok)
+    assert f"skipping checkpoint {damaged}: size mismatch of model.safetensors" in caplog.text
+    assert f"resumed from {root / 'step_00000001'} at step 1" in caplog.text
+    train_resumed, _ = losses(tmp_path / "run")
+    assert sorted(train_resumed) == [1, 2, 3]
+    assert train_resumed[3] == pytest.approx(train_first[3], abs=1e-6)
+    assert resumed["final_val_loss"] == pytest.approx(first["final_val_loss"], abs=1e-6)
+    assert CheckpointManager(root, 2).latest() == damaged  # saved again at step 2, and it verifies
+
+
+def test_resume_when_no_checkpoint_verifies_names_them(tmp_path, tiny_data):
+    args = _in_process_args(tmp_path, tiny_data)
+    root = tmp_path / "run" / "checkpoints"
+    (root / "step_00000004").mkdir(parents=True)  # a checkpoint without a record
+    (root / "step_00000004" / "model.safetensors").write_bytes(b"partial")
+    train_ds, val_ds, tok = load_packed(args.data_dir)
+    with pytest.raises(CheckpointError, match=r"step_00000004 \(no checkpoint.json record.*--resume false"):
+        train(args, make_accelerator(args), _model(tok), train_ds, val_ds, collate_packed, tok)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # failed before any training

@@ -2,8 +2,8 @@
 
 One process or many (`accelerate launch`): data is sharded across processes without overlap, the
 optimizer is AdamW with parameter groups, the schedule cosine with warmup; evaluation every N
-steps keeps the best model; checkpoints every N steps are complete or absent, and a run resumes
-from the newest one with the same data order, RNG and schedule, so a killed run reaches the same
+steps keeps the best model; checkpoints every N steps carry a record of their files (sizes, hashes),
+and a run resumes from the newest one that verifies against it, with the same data order, RNG and schedule, so a killed run reaches the same
 loss at step N as an uninterrupted one. Writes RUN/metrics.jsonl, RUN/summary.json, RUN/final/.
 
 Fine-tuning hooks (trainers/finetune.py): `eval_fn` replaces the token-loss evaluation (e.g. with
@@ -232,8 +232,10 @@ def train(args: TrainArgs, accelerator: Accelerator, model, train_ds, val_ds, co
     if batches_per_epoch < args.gradient_accumulation_steps:
         raise ValueError("an epoch has fewer micro-batches than gradient_accumulation_steps.")
 
-    ckpt = CheckpointManager(out / "checkpoints", args.keep_checkpoints)
+    ckpt = CheckpointManager(out / "checkpoints", args.keep_checkpoints, main_process=accelerator.is_main_process)
     metrics = MetricsLog(out / "metrics.jsonl", accelerator)
+    # the newest checkpoint that verifies (every rank reads the same files, so all pick the same one);
+    # CheckpointError when step_* folders exist and none verifies
     if args.resume and (latest := ckpt.latest()) is not None:
         unwrapped = accelerator.unwrap_model(model)
         quantized = getattr(unwrapped, "is_loaded_in_4bit", False) or getattr(unwrapped, "is_loaded_in_8bit", False)
@@ -292,7 +294,7 @@ def train(args: TrainArgs, accelerator: Accelerator, model, train_ds, val_ds, co
             optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(
                 f"Loss became {loss} at step {state.step + 1}; stopping without an update. The last good checkpoint is "
-                f"{ckpt.latest() or '(none)'}: lower the learning rate or check the data, then rerun to resume from it."
+                f"{ckpt.last_good() or '(none)'}: lower the learning rate or check the data, then rerun to resume from it."
             )
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm) if args.max_grad_norm else None
         optimizer.step()
