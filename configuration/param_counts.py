@@ -59,10 +59,18 @@ def markdown_table() -> tuple[str, dict]:
     return "\n".join(lines), rows
 
 
-def replace_readme_table(readme: Path, table: str) -> None:
+def check_readme(readme: Path) -> str:
+    """The README's text, or an error when it has no table block to replace (checked before counting)."""
+    if not readme.is_file():
+        raise FileNotFoundError(f"--readme {readme} does not exist.")
     text = readme.read_text(encoding="utf-8")
     if README_START not in text or README_END not in text:
         raise ValueError(f"{readme} has no {README_START} ... {README_END} block to replace.")
+    return text
+
+
+def replace_readme_table(readme: Path, table: str) -> None:
+    text = check_readme(readme)
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
     tmp = readme.with_suffix(".tmp")
@@ -75,6 +83,8 @@ def main(argv=None):
     parser.add_argument("--json", type=Path, help="also write the counts to this JSON file")
     parser.add_argument("--readme", type=Path, help="replace the parameter table in this README")
     args = parser.parse_args(argv)
+    if args.readme:
+        check_readme(args.readme)
     table, rows = markdown_table()
     print(table)
     if args.json:
@@ -84,4 +94,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from configuration.cli import run_main
+
+    run_main(main)

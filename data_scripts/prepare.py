@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +21,9 @@ from pathlib import Path
 import yaml
 
 from .cache import FINGERPRINT_FILE, atomic_dir, fingerprint, is_current
-from .mixture import BudgetError
 from .pipeline import Build, build
 from .recipe import (
     Recipe,
-    RecipeError,
     SourceFiles,
     check_hub,
     check_streaming,
@@ -116,13 +113,11 @@ def main(argv: list[str] | None = None) -> int:
 
     (args,) = HfArgumentParser(PrepareArguments).parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        prepare(args)
-    except (RecipeError, BudgetError) as e:
-        logger.error("%s", e)
-        return 2
+    prepare(args)  # a RecipeError, BudgetError or missing file ends in one line and exit status 2 (configuration.cli)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from configuration.cli import run_main
+
+    run_main(main)

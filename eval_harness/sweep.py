@@ -265,10 +265,12 @@ def load_model(path: str, args: SweepArgs):
 
 def sweep(args: SweepArgs) -> dict:
     """Run or reuse every cell, then write results.json, results.md and results.png into args.out."""
-    from lm_eval.tasks import TaskManager
-
     if not args.models or not args.tasks or not args.seeds:
         raise ValueError("--models, --tasks and --seeds each need at least one value")
+    if not Path(args.include_path).is_dir():
+        raise FileNotFoundError(f"--include_path {args.include_path} is not a folder (lm-eval task YAMLs, default {TASKS_DIR})")
+    from lm_eval.tasks import TaskManager
+
     out = Path(args.out)
     tasks, skipped = check_tasks(expand_tasks(args.tasks), args.include_path)
     tm = TaskManager(include_path=args.include_path)
@@ -334,4 +336,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from configuration.cli import run_main
+
+    run_main(main)

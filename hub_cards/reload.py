@@ -39,18 +39,32 @@ print(tok.decode(out[0], skip_special_tokens=True))
 """
 
 
+class ReloadError(RuntimeError):
+    """The repo could not be cloned, or its clone does not load in a fresh process."""
+
+
+def _last_line(text: str) -> str:
+    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "no output")
+
+
 def reload(repo: str, clone: Path, prompt: str, tokens: int) -> tuple[str, str]:
     """Clone `repo` into `clone` (replacing an earlier clone), load and generate in a fresh process; (module, sample)."""
     if clone.exists():
         shutil.rmtree(clone)
-    subprocess.run(["git", "clone", "-q", repo, str(clone)], check=True)
+    run = subprocess.run(["git", "clone", "-q", repo, str(clone)], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise ReloadError(f"git clone {repo} failed: {_last_line(run.stderr)}")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as elsewhere:
         run = subprocess.run([sys.executable, "-c", CHILD.replace("PACKAGES", repr(REPO_PACKAGES)), str(clone.resolve()), prompt, str(tokens)],
                              cwd=elsewhere, env=env, capture_output=True, text=True)
     if run.returncode != 0:
-        raise RuntimeError(f"loading the clone {clone} in a fresh process failed:\n{run.stderr[-3000:]}")
+        from configuration.cli import debug_enabled
+
+        if debug_enabled():  # --debug: the child's traceback too
+            sys.stderr.write(run.stderr[-3000:])
+        raise ReloadError(f"loading the clone {clone} in a fresh process failed: {_last_line(run.stderr)}")
     module, sample = run.stdout.split("\n", 1)
     return module, sample.strip()
 
@@ -68,4 +82,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from configuration.cli import run_main
+
+    run_main(main)

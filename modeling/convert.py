@@ -224,7 +224,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     if not (args.src / "config.json").is_file():
-        parser.error(f"{args.src} has no config.json: give a folder written by save_pretrained.")
+        raise FileNotFoundError(f"{args.src} has no config.json: give a folder written by save_pretrained.")
     model = cast(convert(args.src), DTYPES[args.dtype])
     model.save_pretrained(args.out)
     copy_tokenizer(args.src, args.out)
@@ -232,4 +232,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from configuration.cli import run_main
+
+    run_main(main)

@@ -51,6 +51,7 @@ def build_tokenizer(vocab_size: int):
 
 def make_demo_base(out, preset: str = "debug", vocab_size: int = 512, seed: int = 0, **overrides) -> Path:
     out = Path(out)
+    get_preset(preset, **overrides)  # a bad preset or field fails before the tokenizer is trained
     tokenizer = build_tokenizer(vocab_size)
     torch.manual_seed(seed)
     config = get_preset(preset, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
@@ -73,4 +74,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from configuration.cli import run_main
+
+    run_main(main)

@@ -49,4 +49,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from configuration.cli import run_main
+
+    run_main(main)

@@ -34,7 +34,7 @@ import torch
 
 from .peft_targets import lora_parameter_count, target_module_names
 from .stats import paired, summarize
-from .sweep import float_metrics, machine, run_seed
+from .sweep import check_config, float_metrics, machine, run_seed
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", default="results/rank_allocation")
     args, extra = parser.parse_known_args(argv)  # anything else goes to every finetune run
+    check_config(args.config)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = {arm: {} for arm in ("uniform", "importance")}
@@ -189,4 +190,6 @@ def markdown(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from configuration.cli import run_main
+
+    run_main(main)

@@ -24,6 +24,15 @@ logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 
 
+class RunError(RuntimeError):
+    """A fine-tuning run started by a sweep failed; the message ends with the run's last error line."""
+
+
+def check_config(config: str) -> None:
+    if not Path(config).is_file():
+        raise FileNotFoundError(f"--config {config} does not exist.")
+
+
 def run_seed(config: str, seed: int, run_dir: Path, extra: list[str]) -> dict:
     """trainers/finetune.py with `--seed seed --output_dir run_dir`, from scratch; returns its summary."""
     cmd = [sys.executable, str(REPO / "trainers" / "finetune.py"), "--config", config, "--seed", str(seed),
@@ -31,7 +40,10 @@ def run_seed(config: str, seed: int, run_dir: Path, extra: list[str]) -> dict:
     logger.info("%s", " ".join(cmd))
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"seed {seed} failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
+        if done.returncode != 2:  # not one of finetune's one-line errors: its traceback is what to read
+            sys.stderr.write(done.stderr[-3000:])
+        last = next((line.strip() for line in reversed(done.stderr.splitlines()) if line.strip()), "no output")
+        raise RunError(f"seed {seed} failed (exit status {done.returncode}; {' '.join(cmd)}): {last}")
     return json.loads((run_dir / "summary.json").read_text())
 
 
@@ -50,6 +62,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default=None, help="folder for the runs and sweep.json (default: the config's output_dir)")
     args, extra = parser.parse_known_args(argv)  # other flags go to every run
+    check_config(args.config)
     out = Path(args.out or yaml.safe_load(Path(args.config).read_text())["output_dir"])
     summaries = {seed: run_seed(args.config, seed, out / f"seed_{seed}", extra) for seed in args.seeds}
     names = float_metrics(summaries[args.seeds[0]]["final_eval"])
@@ -69,4 +82,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from configuration.cli import run_main
+
+    run_main(main)

@@ -9,6 +9,7 @@
   words in order, not a bag of words. Classification and the rank allocation comparison.
 """
 
+import argparse
 import json
 import random
 from pathlib import Path
@@ -65,7 +66,8 @@ def chat(rng):
     return {"messages": messages}
 
 
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)  # no options: --help describes it, a stray flag is an error
     rng = random.Random(1234)
     for split, n in (("train", 600), ("validation", 80)):
         with open(HERE / f"chat_{split}.jsonl", "w") as f:
@@ -83,4 +85,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from configuration.cli import run_main
+
+    run_main(main)
