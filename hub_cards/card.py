@@ -6,6 +6,7 @@ was not given says so instead of being filled by hand.
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,7 @@ class CardInputs:
     eval_documents: dict | None = None  # task -> (evaluated, in the task)
     bench: dict | None = None
     bench_source: str | None = None
+    transformers_range: tuple[str, str] | None = None  # (floor, newest tested) of the shipped remote code
     tags: list = field(default_factory=list)
 
 
@@ -95,6 +97,15 @@ def read_bench(path: Path) -> dict:
     if missing:
         raise ValueError(f"{path} is not a bench_speed JSON (missing {missing}); see docs/results/bench_speed.json")
     return data
+
+
+def read_transformers_range(modeling_file: Path) -> tuple[str, str] | None:
+    """(floor, newest tested) transformers releases declared by a model folder's remote code, or None."""
+    if not modeling_file.is_file():
+        return None
+    text = modeling_file.read_text(encoding="utf-8")
+    found = [re.search(rf'^{name} = "([^"]+)"', text, re.M) for name in ("TRANSFORMERS_FLOOR", "TRANSFORMERS_TESTED")]
+    return (found[0].group(1), found[1].group(1)) if all(found) else None
 
 
 def read_metrics(path: Path) -> tuple[list, list]:
@@ -303,9 +314,14 @@ def _how_to_load(inp: CardInputs) -> str:
                 f"tokenizer = AutoTokenizer.from_pretrained(\"{inp.repo_id}\", trust_remote_code=True)\n"
                 f"ids = tokenizer(\"To be, or not to be\", return_tensors=\"pt\")\n"
                 f"print(tokenizer.decode(model.generate(**ids, max_new_tokens=40)[0]))\n")
+    versions = []
+    if inp.transformers_range:
+        floor, tested = inp.transformers_range
+        versions = [f"Requires `transformers>={floor},<6`; tested with {floor} to {tested} (the code checks the installed "
+                    "release when it is imported and warns on a release newer than the tested one).", ""]
     return "\n".join(["## How to load", "",
                       "The modeling code ships in this repository (`configuration_hybrid_mamba.py`, `modeling_hybrid_mamba.py`): "
-                      "pass `trust_remote_code=True` to the model and to the tokenizer.", "", "```python", code + "```", "",
+                      "pass `trust_remote_code=True` to the model and to the tokenizer.", "", *versions, "```python", code + "```", "",
                       f"With lm-evaluation-harness: `lm_eval --model hf --model_args pretrained={inp.repo_id},trust_remote_code=True --tasks ...`", ""])
 
 

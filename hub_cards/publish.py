@@ -22,7 +22,15 @@ import tempfile
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
-from .card import CardInputs, build_card, read_bench, read_lm_eval_documents, read_lm_eval_results, read_run_config
+from .card import (
+    CardInputs,
+    build_card,
+    read_bench,
+    read_lm_eval_documents,
+    read_lm_eval_results,
+    read_run_config,
+    read_transformers_range,
+)
 from .secrets import check_no_credentials
 
 logger = logging.getLogger(__name__)
@@ -115,7 +123,9 @@ def check_args(args: PublishArgs) -> dict:
 def check_hub_reachable(repo_id: str):
     """The Hub needs HF_TOKEN and the network: fail with one message before staging or pushing anything."""
     from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    # HTTPError: the base class of huggingface_hub's HTTP client errors (httpx2 in huggingface_hub 2.x, httpx in
+    # 1.x): HfHubHTTPError (401, 404, 5xx) and the client's ConnectError and timeouts, which are not OSError.
+    from huggingface_hub.errors import HfHubHTTPError, HTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
     token = os.environ.get("HF_TOKEN")
     if not token:
@@ -125,9 +135,10 @@ def check_hub_reachable(repo_id: str):
     api = HfApi(token=token)
     try:
         api.whoami()
-    except (HfHubHTTPError, OfflineModeIsEnabled, OSError) as err:
-        raise PublishError(f"cannot publish to the Hub ({repo_id}): the Hub is not reachable with this token "
-                           f"({type(err).__name__}); nothing was pushed") from None
+    except (HfHubHTTPError, HTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled, OSError) as err:
+        reason = ": ".join([type(err).__name__, *str(err).strip().splitlines()[:1]])  # the first line names the cause
+        raise PublishError(f"cannot publish to the Hub ({repo_id}): {constants.ENDPOINT} is not reachable with this token "
+                           f"({reason}); nothing was pushed") from None
     return api
 
 
@@ -155,6 +166,7 @@ def _card_inputs(args: PublishArgs, paths: dict, stage: Path, repo_name: str) ->
         model_name=args.name or repo_name, config=config, repo_id=hub_repo_id(args.to) if is_hub_target(args.to) else repo_name,
         license=args.license, adapter_config=adapter_config, param_counts=param_counts,
         run_config=read_run_config(config_file) if config_file else None, run_config_source=str(config_file) if config_file else None,
+        transformers_range=read_transformers_range(config_dir / "modeling_hybrid_mamba.py") if config_dir else None,
     )
     if paths["data"]:
         inp.data_report = json.loads((paths["data"] / "report.json").read_text())
@@ -307,4 +319,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from configuration.cli import run_main
+
+    run_main(main)

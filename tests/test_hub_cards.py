@@ -107,6 +107,9 @@ def test_publish_to_a_local_git_repo_writes_a_hub_model_repo_with_its_card(run_d
     from configuration import HybridMambaConfig
     from configuration.param_counts import count_parameters
     assert f"{count_parameters(HybridMambaConfig.from_pretrained(target))['total']:,}" in text
+    # the tested transformers range comes from the remote code the repo ships
+    from modeling.modeling_hybrid_mamba import TRANSFORMERS_FLOOR, TRANSFORMERS_TESTED
+    assert f"`transformers>={TRANSFORMERS_FLOOR},<6`; tested with {TRANSFORMERS_FLOOR} to {TRANSFORMERS_TESTED}" in text
 
     # a second publish is a new commit with the next tag
     (run_dir / "final" / "finetune_config.json").write_text(json.dumps({"note": "second"}))
