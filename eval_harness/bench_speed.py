@@ -30,6 +30,7 @@ well under a minute.
 """
 
 import gc
+import inspect
 import json
 import logging
 import multiprocessing
@@ -79,8 +80,22 @@ BASELINE_NOTES = {
 }
 # Baselines beyond bench_speed's default set (eval_harness.bench --baselines).
 ALL_CLASSES = {**MODEL_CLASSES, "mamba2": Mamba2ForCausalLM}
-# Mamba2ForCausalLM takes and returns its cache as cache_params, the others as past_key_values.
-CACHE_ARG = {"mamba2": "cache_params"}
+
+# Names a model's cache goes by, across transformers releases and model classes.
+CACHE_NAMES = ("cache", "cache_params", "past_key_values")
+
+
+def cache_arg(model) -> str:
+    """The name under which `model` takes and returns its cache: `cache` (transformers >= 5.24), else
+    `cache_params` (Mamba2ForCausalLM before 5.24) or `past_key_values`."""
+    params = inspect.signature(model.forward).parameters
+    return next(n for n in CACHE_NAMES if n in params)
+
+
+def returned_cache(output):
+    """The cache in a model output, under whichever of the names the installed transformers uses."""
+    return next((output[n] for n in CACHE_NAMES if output.get(n) is not None), None)
+
 
 # The benchmarked size. Bamba's and Llama's configs are derived from the config built from this.
 BENCH_CONFIG = dict(
@@ -335,7 +350,7 @@ def measure_decode(models: dict, plan: Plan, seed: int) -> dict:
             def first(m=m, name=name):
                 out = m(input_ids=prompt, use_cache=True, logits_to_keep=1)
                 out.logits[:, -1].argmax(-1)
-                caches[name] = out[CACHE_ARG.get(name, "past_key_values")]
+                caches[name] = returned_cache(out)
 
             ttft[name] = _timed(first, dev)
         times = {name: [] for name in models}
@@ -344,8 +359,8 @@ def measure_decode(models: dict, plan: Plan, seed: int) -> dict:
             step = dict(input_ids=tokens[:, i : i + 1], position_ids=torch.tensor([[prompt_len + i]], device=dev), use_cache=True)
             for name, model in models.items():
                 def one(model=model, name=name):
-                    arg = CACHE_ARG.get(name, "past_key_values")
-                    caches[name] = model(**{arg: caches[name]}, **step)[arg]
+                    arg = cache_arg(model)
+                    caches[name] = returned_cache(model(**{arg: caches[name]}, **step))
 
                 dt = _timed(one, dev)
                 if i >= plan.decode_warmup:
@@ -642,4 +657,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from configuration.cli import run_main
+
+    run_main(main)

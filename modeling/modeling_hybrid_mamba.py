@@ -36,7 +36,7 @@ from transformers.utils import logging
 
 # The oldest and the newest transformers releases the test suite ran on (`make test-compat`,
 # docs/compat.md). Older releases lack internals used below; newer ones are allowed with a warning.
-TRANSFORMERS_FLOOR = "5.0.0"
+TRANSFORMERS_FLOOR = "5.21.0"
 TRANSFORMERS_TESTED = "5.24.0"
 SUPPORTED_TRANSFORMERS = f">={TRANSFORMERS_FLOOR},<6 (tested up to {TRANSFORMERS_TESTED})"
 

@@ -31,6 +31,8 @@ ids = torch.load(inputs)
 with torch.no_grad():
     logits = model(ids).logits
     generated = model.generate(ids, max_new_tokens=5, do_sample=False)
+    # the cached decode is the uncached one: the folder's code passes its state under the installed name
+    assert torch.equal(generated, model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False))
 torch.save({"logits": logits, "generated": generated, "module": type(model).__module__}, outputs)
 """
 
@@ -66,3 +68,42 @@ def test_saving_a_remote_code_model_again_keeps_the_code(tmp_path):
     reloaded.save_pretrained(tmp_path / "b")
     for name in ("configuration_hybrid_mamba.py", "modeling_hybrid_mamba.py"):
         assert (tmp_path / "b" / name).read_text() == (tmp_path / "a" / name).read_text()
+
+
+VERSION_CHILD = r"""
+import logging, sys
+import transformers
+transformers.__version__ = sys.argv[2]  # stands in for an installed release
+from transformers import AutoModelForCausalLM
+logging.basicConfig(level=logging.WARNING)
+try:
+    AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+except ImportError as e:
+    print("ImportError:", e)
+    sys.exit(3)
+# a second model from the same code: the warning is not repeated
+AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+"""
+
+
+def _load_with_version(tmp_path, version):
+    folder = tmp_path / "model"
+    if not folder.exists():
+        HybridMambaForCausalLM(tiny_config("hybrid")).save_pretrained(folder)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / f"modules-{version}"), HF_HOME=str(tmp_path / "hf"))
+    return subprocess.run([sys.executable, "-c", VERSION_CHILD, str(folder), version],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_remote_code_names_the_supported_range_on_an_old_transformers(tmp_path):
+    from modeling.modeling_hybrid_mamba import TRANSFORMERS_FLOOR, TRANSFORMERS_TESTED
+
+    old = _load_with_version(tmp_path, "5.20.2")
+    assert old.returncode == 3, old.stderr[-3000:]
+    assert f"need transformers >={TRANSFORMERS_FLOOR},<6 (tested up to {TRANSFORMERS_TESTED}); found 5.20.2" in old.stdout
+    new = _load_with_version(tmp_path, "5.99.0")
+    assert new.returncode == 0, new.stderr[-3000:]
+    assert new.stderr.count(f"transformers 5.99.0 is newer than the newest release hybrid_mamba was tested with") == 1
+    current = _load_with_version(tmp_path, TRANSFORMERS_TESTED)
+    assert current.returncode == 0 and "newer than" not in current.stderr
