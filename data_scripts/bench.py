@@ -183,7 +183,7 @@ def machine() -> dict:
     except OSError:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    libs = {lib: metadata.version(lib) for lib in ("datasets", "tokenizers", "datasketch", "lingua-language-detector")}
+    libs = {lib: metadata.version(lib) for lib in ("datasets", "tokenizers", "datasketch", "lingua-language-detector", "phonenumberslite")}
     return {"cpu": cpu, "cores_available": cores, "python": platform.python_version(), "libraries": libs}
 
 

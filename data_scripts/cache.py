@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "fingerprint.json"
 REQUIRED = ("train", "validation", "tokenizer", "report.json", "report.md", "recipe.yaml", FINGERPRINT_FILE)
-_LIBRARIES = ("datasets", "pyarrow", "tokenizers", "transformers", "datasketch", "lingua-language-detector", "numpy")
+_LIBRARIES = ("datasets", "pyarrow", "tokenizers", "transformers", "datasketch", "lingua-language-detector", "phonenumberslite", "numpy")
 
 
 def _file_digest(path: Path) -> str:

@@ -69,6 +69,10 @@ class PIIConfig:
     """Which kinds to scrub: email, phone, ip, key."""
     keep_non_global_ips: bool = True
     """Keep loopback, private, link-local and documentation addresses (127.0.0.1, 10.0.0.0/8, ...)."""
+    phone_regions: list[str] = field(default_factory=lambda: ["US"])
+    """Regions (ISO 3166-1 alpha-2, e.g. US, GB, DE) whose national numbers, written without + and a
+    country code, are phone numbers: US finds ``(415) 555-0100``, DE ``030 25738190``. A number written
+    with + and a country code is found for every country whatever this lists."""
 
 
 @dataclass
@@ -362,6 +366,7 @@ def validate(recipe: Recipe) -> None:
             for kind in f.pii.kinds:
                 if kind not in PII_KINDS:
                     raise RecipeError(f"{where}.filters.pii.kinds: '{kind}' is not one of {', '.join(PII_KINDS)}")
+            _check_phone_regions(f.pii.phone_regions, f"{where}.filters.pii.phone_regions")
 
 
 def check_streaming(recipe: Recipe) -> None:
@@ -372,6 +377,18 @@ def check_streaming(recipe: Recipe) -> None:
         )
     if recipe.max_epochs != 1.0:
         raise RecipeError("streaming reads each source once: set max_epochs to 1 or build without streaming")
+
+
+def _check_phone_regions(regions: list[str], where: str) -> None:
+    import phonenumbers
+
+    for region in regions:
+        if region not in phonenumbers.SUPPORTED_REGIONS:
+            hint = f" (did you mean '{region.upper()}'?)" if region.upper() in phonenumbers.SUPPORTED_REGIONS else ""
+            raise RecipeError(
+                f"{where}: '{region}' is not a region phonenumbers knows{hint}; "
+                "use ISO 3166-1 alpha-2 codes like US, GB, DE"
+            )
 
 
 def _check_languages(lang: LanguageConfig, where: str) -> None:

@@ -140,14 +140,17 @@ def test_placeholders_and_exclude(tmp_path):
     assert files.ids == ["doc0000.txt", "doc0002.txt"]
 
 
-def test_cli_reports_one_clear_error(tmp_path, caplog):
+def test_cli_reports_one_clear_error(tmp_path, capsys):
+    from configuration.cli import run_main
     from data_scripts.prepare import main
 
     recipe = _base(tmp_path)
     recipe["seed"] = "abc"
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    assert main(["--recipe", str(path), "--output", str(tmp_path / "out")]) == 2
-    errors = [r for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 1 and "seed: expected an integer, got 'abc'" in errors[0].getMessage()
+    with pytest.raises(SystemExit) as exit_:
+        run_main(main, ["--recipe", str(path), "--output", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "seed: expected an integer, got 'abc'" in err[-1]
     assert not (tmp_path / "out").exists()
