@@ -1206,6 +1206,11 @@ class HybridMambaPreTrainedModel(PreTrainedModel):
                 if isinstance(proj, nn.Linear):
                     init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(branches))
 
+    if not hasattr(PreTrainedModel, "activation_checkpointing_enable"):  # the name before transformers 5.23
+
+        def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None):
+            self.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
+
     def no_weight_decay_parameter_names(self) -> set[str]:
         """Names of the parameters tagged `_no_weight_decay` (A_log, D, dt_bias)."""
         return {name for name, p in self.named_parameters() if getattr(p, "_no_weight_decay", False)}

@@ -7,13 +7,23 @@ cached generation with uncached generation, and continue a generation from the c
 
 import pytest
 import torch
+import transformers
 from conftest import LAYOUTS, tiny_config
+from packaging.version import Version
 from transformers import DynamicCache
 
 from modeling import HybridMambaForCausalLM
 from modeling.modeling_hybrid_mamba import CACHE_NAME
 
 CACHE_NAMES = ["cache", "past_key_values"]
+# Before 5.24, generate() asks a cache given as `past_key_values` for its length, and DynamicCache has none
+# when every layer is a Mamba layer (it raises inside transformers): a limit of those releases, not ours.
+OLD_GENERATE = Version(transformers.__version__).release < (5, 24)
+
+
+def skip_unless_generate_can_measure(m, name):
+    if OLD_GENERATE and name == "past_key_values" and "attention" not in m.config.layer_types:
+        pytest.skip(f"transformers {transformers.__version__}: generate(past_key_values=) needs an attention layer")
 
 
 def model_for(layout, **kw):
@@ -71,6 +81,7 @@ def test_two_different_caches_are_refused():
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_generate_with_a_given_cache_equals_uncached(layout, name):
     m, x = model_for(layout), ids(2, 7)
+    skip_unless_generate_can_measure(m, name)
     with torch.no_grad():
         reference = greedy(m, x, 8, use_cache=False)
         given = greedy(m, x, 8, **{name: DynamicCache(config=m.config)})
@@ -94,6 +105,7 @@ def test_beam_search_with_a_given_cache_equals_uncached(name):
 def test_continuing_from_the_returned_cache_equals_one_generate(layout, name):
     """generate(), then generate() again from its sequences and cache: exactly one uninterrupted generate()."""
     m, x = model_for(layout), ids(2, 6)
+    skip_unless_generate_can_measure(m, name)
     with torch.no_grad():
         whole = greedy(m, x, 10)
         first = greedy(m, x, 4, return_dict_in_generate=True)
