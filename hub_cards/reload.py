@@ -4,7 +4,8 @@
 
 The child process blocks this repo's packages (configuration, modeling, trainers, data_scripts,
 eval_harness, hub_cards), runs outside it without PYTHONPATH, loads model and tokenizer with
-trust_remote_code=True from the clone and prints a greedy sample: what a user of the repo gets.
+trust_remote_code=True from the clone and prints a greedy sample: what a user of the repo gets. The
+sample is generated with the cache and without it; if they differ, reload fails.
 """
 
 import argparse
@@ -34,7 +35,11 @@ tok = AutoTokenizer.from_pretrained(clone, trust_remote_code=True)
 ids = tok(prompt, return_tensors="pt")
 with torch.no_grad():
     out = model.generate(**ids, max_new_tokens=tokens, do_sample=False)
+    # the cached decode must be the uncached one: a cache the remote code ignores decodes without state, silently
+    uncached = model.generate(**ids, max_new_tokens=tokens, do_sample=False, use_cache=False)
+new = out[0, ids["input_ids"].shape[1]:]
 print(type(model).__module__)
+print(int(torch.equal(out, uncached)), len(new))
 print(tok.decode(out[0], skip_special_tokens=True))
 """
 
@@ -47,8 +52,9 @@ def _last_line(text: str) -> str:
     return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "no output")
 
 
-def reload(repo: str, clone: Path, prompt: str, tokens: int) -> tuple[str, str]:
-    """Clone `repo` into `clone` (replacing an earlier clone), load and generate in a fresh process; (module, sample)."""
+def reload(repo: str, clone: Path, prompt: str, tokens: int) -> tuple[str, str, int]:
+    """Clone `repo` into `clone` (replacing an earlier clone), load and generate in a fresh process;
+    (module of the loaded classes, sample, number of generated tokens)."""
     if clone.exists():
         shutil.rmtree(clone)
     run = subprocess.run(["git", "clone", "-q", repo, str(clone)], capture_output=True, text=True)
@@ -65,8 +71,14 @@ def reload(repo: str, clone: Path, prompt: str, tokens: int) -> tuple[str, str]:
         if debug_enabled():  # --debug: the child's traceback too
             sys.stderr.write(run.stderr[-3000:])
         raise ReloadError(f"loading the clone {clone} in a fresh process failed: {_last_line(run.stderr)}")
-    module, sample = run.stdout.split("\n", 1)
-    return module, sample.strip()
+    module, check, sample = run.stdout.split("\n", 2)
+    same, n_new = map(int, check.split())
+    if not same:
+        raise ReloadError(
+            f"the clone {clone} generates differently with its cache than without it: its remote code does not "
+            "carry the decoding state on this transformers release"
+        )
+    return module, sample.strip(), n_new
 
 
 def main(argv=None) -> None:
@@ -76,9 +88,9 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt", default="To be, or not to be", help="Prompt of the sample.")
     parser.add_argument("--tokens", type=int, default=40, help="Greedy tokens to generate.")
     args = parser.parse_args(argv)
-    module, sample = reload(args.repo, args.clone, args.prompt, args.tokens)
+    module, sample, n_new = reload(args.repo, args.clone, args.prompt, args.tokens)
     print(f"cloned {args.repo} into {args.clone}; loaded in a fresh process without this repo (classes from {module})")
-    print(f"sample: {sample!r}")
+    print(f"sample ({n_new} new tokens, the same with and without the cache): {sample!r}")
 
 
 if __name__ == "__main__":

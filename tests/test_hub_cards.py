@@ -302,6 +302,7 @@ def test_reload_generates_from_a_clone_in_a_process_without_this_repo(run_dir, t
     from hub_cards.reload import reload
 
     pub.publish(_args(run_dir, tmp_path / "tiny-repo", eval=None, bench=None))
-    module, sample = reload(str(tmp_path / "tiny-repo"), tmp_path / "clone", "the of", 5)
+    module, sample, n_new = reload(str(tmp_path / "tiny-repo"), tmp_path / "clone", "the of", 5)
     assert module.startswith("transformers_modules.") and sample.startswith("the of")
+    assert 0 < n_new <= 5 and len(sample) > len("the of")
     assert (tmp_path / "clone" / "README.md").is_file()
