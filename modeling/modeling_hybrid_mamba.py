@@ -62,26 +62,33 @@ _check_transformers_version(transformers.__version__)
 
 import inspect  # noqa: E402
 
-from transformers import initialization as init  # noqa: E402
-from transformers.activations import ACT2FN  # noqa: E402
-from transformers.cache_utils import (  # noqa: E402
-    DYNAMIC_LAYER_TYPE_MAPPING,
-    STATIC_LAYER_TYPE_MAPPING,
-    Cache,
-    DynamicCache,
-    DynamicLayer,
-    LinearAttentionLayer,
-    StaticLayer,
-)
-from transformers.generation import GenerationMixin  # noqa: E402
-from transformers.masking_utils import create_causal_mask  # noqa: E402
-from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer  # noqa: E402
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast  # noqa: E402
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update  # noqa: E402
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep  # noqa: E402
-from transformers.utils import can_return_tuple  # noqa: E402
-from transformers.utils.generic import merge_with_config_defaults  # noqa: E402
-from transformers.utils.output_capturing import capture_outputs  # noqa: E402
+try:  # transformers internals: present in every release of the supported range
+    from transformers import initialization as init
+    from transformers.activations import ACT2FN
+    from transformers.cache_utils import (
+        DYNAMIC_LAYER_TYPE_MAPPING,
+        STATIC_LAYER_TYPE_MAPPING,
+        Cache,
+        DynamicCache,
+        DynamicLayer,
+        LinearAttentionLayer,
+        StaticLayer,
+    )
+    from transformers.generation import GenerationMixin
+    from transformers.masking_utils import create_causal_mask
+    from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
+    from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+    from transformers.utils import can_return_tuple
+    from transformers.utils.generic import merge_with_config_defaults
+    from transformers.utils.output_capturing import capture_outputs
+except ImportError as err:  # a newer release moved something this file relies on
+    raise ImportError(
+        f"hybrid_mamba's model code relies on a transformers internal that transformers {transformers.__version__} "
+        f"does not have ({err}). Supported: transformers {SUPPORTED_TRANSFORMERS}; "
+        f"pip install 'transformers>={TRANSFORMERS_FLOOR},<={TRANSFORMERS_TESTED}'"
+    ) from err
 
 # 5.24 renamed the cache argument and output field `past_key_values` -> `cache`: generate() passes the
 # cache to forward and prepare_inputs_for_generation under CACHE_NAME and reads it back from the output

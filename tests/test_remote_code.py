@@ -74,6 +74,9 @@ VERSION_CHILD = r"""
 import logging, sys
 import transformers
 transformers.__version__ = sys.argv[2]  # stands in for an installed release
+if len(sys.argv) > 3:  # a release that moved an internal the model code imports
+    import transformers.cache_utils
+    delattr(transformers.cache_utils, sys.argv[3])
 from transformers import AutoModelForCausalLM
 logging.basicConfig(level=logging.WARNING)
 try:
@@ -86,13 +89,13 @@ AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
 """
 
 
-def _load_with_version(tmp_path, version):
+def _load_with_version(tmp_path, version, *drop):
     folder = tmp_path / "model"
     if not folder.exists():
         HybridMambaForCausalLM(tiny_config("hybrid")).save_pretrained(folder)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / f"modules-{version}"), HF_HOME=str(tmp_path / "hf"))
-    return subprocess.run([sys.executable, "-c", VERSION_CHILD, str(folder), version],
+    return subprocess.run([sys.executable, "-c", VERSION_CHILD, str(folder), version, *drop],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -107,3 +110,13 @@ def test_remote_code_names_the_supported_range_on_an_old_transformers(tmp_path):
     assert new.stderr.count(f"transformers 5.99.0 is newer than the newest release hybrid_mamba was tested with") == 1
     current = _load_with_version(tmp_path, TRANSFORMERS_TESTED)
     assert current.returncode == 0 and "newer than" not in current.stderr
+
+
+def test_remote_code_names_the_missing_internal_and_the_range(tmp_path):
+    from modeling.modeling_hybrid_mamba import TRANSFORMERS_FLOOR, TRANSFORMERS_TESTED
+
+    run = _load_with_version(tmp_path, "5.99.0", "LinearAttentionLayer")
+    assert run.returncode == 3, run.stderr[-3000:]
+    assert "relies on a transformers internal that transformers 5.99.0 does not have" in run.stdout
+    assert "LinearAttentionLayer" in run.stdout and f"<={TRANSFORMERS_TESTED}" in run.stdout
+    assert f">={TRANSFORMERS_FLOOR}" in run.stdout
