@@ -3,6 +3,11 @@
 torch is declared with an ordinary range here. On CPU-only machines install the pinned CPU build
 first (the Makefile does: ``pip install torch==2.13.0`` with ``requirements/cpu.txt`` as a
 constraint), otherwise pip resolves the newest torch with its CUDA wheels.
+
+Ranges, not pins: `make` installs the tested versions from requirements/lock.txt. The floors of
+transformers, peft, accelerate, datasets and lm-eval are run by `make test-compat` (docs/compat.md,
+which requirements/compat.py reads them from); the other packages' floors are not run there (that
+environment resolves their current releases).
 """
 from pathlib import Path
 
