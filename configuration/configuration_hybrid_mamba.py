@@ -19,6 +19,7 @@ LAYER_TYPES = ("attention", "mamba", "mamba1", "mamba2")
 # built; both spellings are accepted and stored in ours.
 _LAYER_TYPE_ALIASES = {"full_attention": "attention", "linear_attention": "mamba"}
 POSITION_EMBEDDING_TYPES = ("rope", "none")
+MAMBA_OPS = ("fast", "reference")
 
 
 def place_attention_layers(num_layers: int, ratio: float) -> list[int]:
@@ -77,6 +78,10 @@ class HybridMambaConfig(PreTrainedConfig):
         use_mamba_kernels (`bool`, defaults to `True`):
             Use mamba-ssm / causal-conv1d kernels on CUDA when they are installed; the pure-torch path
             is used otherwise, and always on CPU.
+        mamba_ops (`str`, defaults to `"fast"`):
+            Operators the Mamba mixers and the RMS norms run: `"fast"` (hand-written backwards, and the
+            kernels above where enabled) or `"reference"` (the readable pure-torch definitions the fast
+            ones are tested against, never the kernels), to rule out a fast operator in one switch.
     """
 
     model_type = "hybrid_mamba"
@@ -133,6 +138,7 @@ class HybridMambaConfig(PreTrainedConfig):
     mamba_proj_bias: bool = False
     rescale_prenorm_residual: bool = True
     use_mamba_kernels: bool = True
+    mamba_ops: str = "fast"
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -203,6 +209,8 @@ class HybridMambaConfig(PreTrainedConfig):
                     f"mamba_n_groups ({self.mamba_n_groups}) must divide the number of Mamba heads "
                     f"({d_inner // self.mamba_head_dim})."
                 )
+        if self.mamba_ops not in MAMBA_OPS:
+            raise ValueError(f"mamba_ops must be one of {list(MAMBA_OPS)}, got {self.mamba_ops!r}.")
         if self.mamba_chunk_size <= 0:
             raise ValueError(f"mamba_chunk_size must be positive, got {self.mamba_chunk_size}.")
 

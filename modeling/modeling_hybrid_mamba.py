@@ -6,12 +6,13 @@ into every saved model folder. The layer layout comes from ``config.layer_types`
 Notation in shape comments: B batch, T tokens, D hidden size, H heads, P head size, G groups,
 N state size, K conv width, C chunks, L chunk length.
 
-Pure-torch mixers always work. ``ssd_scan_ref``, ``selective_scan_ref`` and ``causal_conv1d_ref`` are
-the readable references; the Mamba-2 path runs ``ssd_scan`` and ``causal_conv1d`` (and the norms
-``RMSNormFunction``), the same arithmetic with hand-written backwards that keep only their inputs,
-tested against the references (values, gradients, gradcheck). On CUDA, mamba-ssm and causal-conv1d
-kernels are used when importable (``config.use_mamba_kernels``); flash-attn through transformers'
-``attn_implementation``. Kernels never read the weight of a projection: ``in_proj``, ``out_proj``,
+Pure-torch mixers always work. The operators come in two sets with the same contracts: the readable
+references ``causal_conv1d_ref``, ``ssd_scan_ref`` and ``rms_norm_ref`` (read them first), and the fast
+``causal_conv1d``, ``ssd_scan`` and ``rms_norm``, the same arithmetic with hand-written backwards that
+keep only their inputs, tested against the references (values, gradients, gradcheck). Mamba-1's
+``selective_scan`` serves both. ``config.mamba_ops`` ("fast", the default, or "reference") picks the set
+in ``MAMBA_OPS``. On CUDA, mamba-ssm and causal-conv1d kernels replace the fast operators when importable
+(``config.use_mamba_kernels``); flash-attn through transformers' ``attn_implementation``. Kernels never read the weight of a projection: ``in_proj``, ``out_proj``,
 ``x_proj`` and ``dt_proj`` are always called as modules, so PEFT adapters on them take effect.
 
 Padding and packed sequences share one mechanism: tokens get segment ids (a new segment wherever
@@ -21,6 +22,7 @@ convolution nor the scan crosses a segment boundary.
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -193,6 +195,10 @@ STATIC_LAYER_TYPE_MAPPING["attention"] = StaticLayer
 # ----------------------------------------------------------------------------------------------
 # Reference operators (pure torch)
 # ----------------------------------------------------------------------------------------------
+# The definitions, written to be read: each fast operator below keeps one of these contracts and is
+# tested against it (tests/test_reference_ops.py); `config.mamba_ops="reference"` runs the model on them.
+# Sequences may be packed: `seq_idx` (B, T) gives each token's segment, and no operator lets a
+# segment see another.
 
 
 def segment_ids(position_ids: torch.Tensor | None, pad_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -221,13 +227,13 @@ def _padded(x, prefix, k):
     return torch.cat([prefix[..., prefix.shape[-1] - (k - 1) :].to(x.dtype), x], dim=-1)
 
 
-def causal_conv1d_ref(x, weight, bias=None, prefix=None, seq_idx=None):
+def causal_conv1d_ref(x, weight, bias=None, prefix=None, seq_idx=None, silu=False):
     """Depthwise causal convolution. x (B, E, T), weight (E, K), prefix (B, E, >=K-1) earlier inputs.
 
     Written as K shifted multiply-adds: on CPU the backward of a depthwise `F.conv1d` is slower than
     the whole rest of a Mamba layer, while this one's backward is elementwise.
     With `seq_idx` (B, T), a tap reads an input only from the same segment; prefix tokens belong to
-    segment 0. Returns (B, E, T) before activation.
+    segment 0. Returns (B, E, T), after SiLU when `silu`.
     """
     k = weight.shape[-1]
     t = x.shape[-1]
@@ -239,7 +245,114 @@ def causal_conv1d_ref(x, weight, bias=None, prefix=None, seq_idx=None):
         if seg is not None:
             tap = tap * (seg[:, j : j + t] == seq_idx).unsqueeze(1).to(x.dtype)
         out = out + tap
-    return out if bias is None else out + bias[:, None]
+    out = out if bias is None else out + bias[:, None]
+    return F.silu(out) if silu else out
+
+
+def ssd_scan_ref(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=None):
+    """Chunked SSD scan of Mamba-2 (the quadratic-within-chunk, linear-across-chunks form).
+
+    x (B, T, H, P), dt (B, T, H) after softplus and clamp, A (H,) negative, B and C (B, T, G, N),
+    D (H,), initial_state (B, H, P, N), seq_idx (B, T) or None.
+    Returns y (B, T, H, P) and the final state (B, H, P, N), both float32.
+    """
+    b, t, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    hg = h // g
+    x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
+    chunk_size = min(chunk_size, t)  # a short sequence is one chunk, not one padded to chunk_size
+    pad = (-t) % chunk_size
+    if pad:  # padded steps have dt = 0 and x = 0: they change neither outputs nor the final state
+        x, dt, B, C = (F.pad(v, (0, 0) * (v.dim() - 2) + (0, pad)) for v in (x, dt, B, C))
+        if seq_idx is not None:
+            seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1)
+    c, L = (t + pad) // chunk_size, chunk_size
+    x = x.view(b, c, L, h, p)
+    B = B.view(b, c, L, g, n)
+    C = C.view(b, c, L, g, n)
+    dA = (dt * A.float()).view(b, c, L, h).permute(0, 1, 3, 2)  # (B, C, H, L)
+    dt = dt.view(b, c, L, h).permute(0, 1, 3, 2)  # (B, C, H, L)
+    cs = torch.cumsum(dA, dim=-1)  # (B, C, H, L)
+
+    causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+    if seq_idx is not None:
+        seg = seq_idx.view(b, c, L)
+        same = seg[:, :, :, None] == seg[:, :, None, :]  # (B, C, L, L)
+        keep = (causal & same).unsqueeze(2)  # (B, C, 1, L, L)
+        seg_end = seg[:, :, -1]  # (B, C) segment whose state leaves each chunk
+    else:
+        keep = causal
+
+    # 1. Within chunks: y_l = sum_{s<=l} C_l.B_s exp(cs_l - cs_s) dt_s x_s
+    decay = torch.exp((cs[..., :, None] - cs[..., None, :]).masked_fill(~keep, -torch.inf))  # (B, C, H, L, L)
+    CB = torch.matmul(C.permute(0, 1, 3, 2, 4), B.permute(0, 1, 3, 4, 2))  # (B, C, G, L, L)
+    M = decay.view(b, c, g, hg, L, L) * CB.unsqueeze(3) * dt.view(b, c, g, hg, 1, L)
+    xh = x.permute(0, 1, 3, 2, 4)  # (B, C, H, L, P)
+    y = torch.matmul(M.view(b, c, h, L, L), xh)  # (B, C, H, L, P)
+
+    # 2. State each chunk leaves behind: sum_s exp(cs_end - cs_s) dt_s x_s B_s^T
+    w = torch.exp(cs[..., -1:] - cs) * dt  # (B, C, H, L)
+    if seq_idx is not None:
+        w = w * (seg == seg_end[..., None]).unsqueeze(2)
+    xw = (xh * w.unsqueeze(-1)).view(b, c, g, hg, L, p).permute(0, 1, 2, 3, 5, 4).reshape(b, c, g, hg * p, L)
+    states = torch.matmul(xw, B.permute(0, 1, 3, 2, 4)).view(b, c, h, p, n)  # (B, C, H, P, N)
+
+    # 3. Across chunks: state entering chunk k = sum_{j<k} exp(E_{k-1} - E_j) states_j (+ initial)
+    if initial_state is None:
+        initial_state = torch.zeros(b, h, p, n, dtype=x.dtype, device=x.device)
+    states = torch.cat([initial_state.float().unsqueeze(1), states], dim=1)  # (B, C+1, H, P, N)
+    E = F.pad(torch.cumsum(cs[..., -1], dim=1), (0, 0, 1, 0))  # (B, C+1, H): log decay up to each chunk end
+    chunk_causal = torch.ones(c + 1, c + 1, dtype=torch.bool, device=x.device).tril()
+    gap = E[:, :, None, :] - E[:, None, :, :]  # (B, C+1, C+1, H): from end j to end k
+    if seq_idx is not None:
+        ends = F.pad(seg_end, (1, 0), value=0)  # the initial state is segment 0
+        chunk_keep = chunk_causal & (ends[:, :, None] == ends[:, None, :])
+        chunk_keep = chunk_keep.unsqueeze(-1)
+    else:
+        chunk_keep = chunk_causal[..., None]
+    chunk_decay = torch.exp(gap.masked_fill(~chunk_keep, -torch.inf))  # (B, C+1, C+1, H)
+    carried = torch.einsum("bkjh,bjhpn->bkhpn", chunk_decay, states)  # (B, C+1, H, P, N)
+    entering, final_state = carried[:, :-1], carried[:, -1]
+
+    # 4. Output of the entering state: y_l += exp(cs_l) C_l . state
+    Cg = C.permute(0, 1, 3, 2, 4)  # (B, C, G, L, N)
+    st = entering.reshape(b, c, g, hg * p, n).transpose(-1, -2)  # (B, C, G, N, HG*P)
+    y_off = torch.matmul(Cg, st).view(b, c, g, L, hg, p).permute(0, 1, 2, 4, 3, 5).reshape(b, c, h, L, p)
+    out_decay = torch.exp(cs)  # (B, C, H, L)
+    if seq_idx is not None:
+        out_decay = out_decay * (seg == F.pad(seg_end, (1, 0), value=0)[:, :-1, None]).unsqueeze(2)
+    y = y + y_off * out_decay.unsqueeze(-1)
+
+    y = y.permute(0, 1, 3, 2, 4).reshape(b, c * L, h, p)[:, :t]
+    if D is not None:
+        y = y + x.view(b, c * L, h, p)[:, :t] * D.float()[:, None]
+    return y, final_state
+
+
+def _at_least_fp32(t):
+    """fp32 for half types, unchanged for fp32 and fp64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def rms_norm_ref(x, weight, gate=None, eps=1e-6, group_size=None):
+    """weight * rmsnorm(x [* silu(gate)]) per group of `group_size` channels (all of them when None),
+    statistics in fp32. x and gate (..., E), weight (E,); returns (..., E) in x's dtype.
+
+    The arithmetic of transformers' LlamaRMSNorm, and of mamba-ssm's gated norm with norm_before_gate=False.
+    """
+    h = _at_least_fp32(x)
+    if gate is not None:
+        h = h * F.silu(_at_least_fp32(gate))
+    grouped = h.view(*h.shape[:-1], -1, group_size or x.shape[-1])
+    rstd = torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (grouped * rstd).view(x.shape).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast operators: the same contracts, hand-written backwards
+# ----------------------------------------------------------------------------------------------
+# What the model runs by default: the references' arithmetic with hand-written backwards that keep
+# only their inputs (recomputing the rest), in layouts that spare copies on CPU.
 
 
 def _crossing_taps(seq_idx, k, t):
@@ -330,88 +443,9 @@ def causal_conv1d(x, weight, bias=None, prefix=None, seq_idx=None, silu=False):
     return CausalConv1d.apply(x, weight, bias, prefix, seq_idx, silu)
 
 
-def ssd_scan_ref(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=None):
-    """Chunked SSD scan of Mamba-2 (the quadratic-within-chunk, linear-across-chunks form).
-
-    x (B, T, H, P), dt (B, T, H) after softplus and clamp, A (H,) negative, B and C (B, T, G, N),
-    D (H,), initial_state (B, H, P, N), seq_idx (B, T) or None.
-    Returns y (B, T, H, P) and the final state (B, H, P, N), both float32.
-    """
-    b, t, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
-    hg = h // g
-    x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
-    chunk_size = min(chunk_size, t)  # a short sequence is one chunk, not one padded to chunk_size
-    pad = (-t) % chunk_size
-    if pad:  # padded steps have dt = 0 and x = 0: they change neither outputs nor the final state
-        x, dt, B, C = (F.pad(v, (0, 0) * (v.dim() - 2) + (0, pad)) for v in (x, dt, B, C))
-        if seq_idx is not None:
-            seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1)
-    c, L = (t + pad) // chunk_size, chunk_size
-    x = x.view(b, c, L, h, p)
-    B = B.view(b, c, L, g, n)
-    C = C.view(b, c, L, g, n)
-    dA = (dt * A.float()).view(b, c, L, h).permute(0, 1, 3, 2)  # (B, C, H, L)
-    dt = dt.view(b, c, L, h).permute(0, 1, 3, 2)  # (B, C, H, L)
-    cs = torch.cumsum(dA, dim=-1)  # (B, C, H, L)
-
-    causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-    if seq_idx is not None:
-        seg = seq_idx.view(b, c, L)
-        same = seg[:, :, :, None] == seg[:, :, None, :]  # (B, C, L, L)
-        keep = (causal & same).unsqueeze(2)  # (B, C, 1, L, L)
-        seg_end = seg[:, :, -1]  # (B, C) segment whose state leaves each chunk
-    else:
-        keep = causal
-
-    # 1. Within chunks: y_l = sum_{s<=l} C_l.B_s exp(cs_l - cs_s) dt_s x_s
-    decay = torch.exp((cs[..., :, None] - cs[..., None, :]).masked_fill(~keep, -torch.inf))  # (B, C, H, L, L)
-    CB = torch.matmul(C.permute(0, 1, 3, 2, 4), B.permute(0, 1, 3, 4, 2))  # (B, C, G, L, L)
-    M = decay.view(b, c, g, hg, L, L) * CB.unsqueeze(3) * dt.view(b, c, g, hg, 1, L)
-    xh = x.permute(0, 1, 3, 2, 4)  # (B, C, H, L, P)
-    y = torch.matmul(M.view(b, c, h, L, L), xh)  # (B, C, H, L, P)
-
-    # 2. State each chunk leaves behind: sum_s exp(cs_end - cs_s) dt_s x_s B_s^T
-    w = torch.exp(cs[..., -1:] - cs) * dt  # (B, C, H, L)
-    if seq_idx is not None:
-        w = w * (seg == seg_end[..., None]).unsqueeze(2)
-    xw = (xh * w.unsqueeze(-1)).view(b, c, g, hg, L, p).permute(0, 1, 2, 3, 5, 4).reshape(b, c, g, hg * p, L)
-    states = torch.matmul(xw, B.permute(0, 1, 3, 2, 4)).view(b, c, h, p, n)  # (B, C, H, P, N)
-
-    # 3. Across chunks: state entering chunk k = sum_{j<k} exp(E_{k-1} - E_j) states_j (+ initial)
-    if initial_state is None:
-        initial_state = torch.zeros(b, h, p, n, dtype=x.dtype, device=x.device)
-    states = torch.cat([initial_state.float().unsqueeze(1), states], dim=1)  # (B, C+1, H, P, N)
-    E = F.pad(torch.cumsum(cs[..., -1], dim=1), (0, 0, 1, 0))  # (B, C+1, H): log decay up to each chunk end
-    chunk_causal = torch.ones(c + 1, c + 1, dtype=torch.bool, device=x.device).tril()
-    gap = E[:, :, None, :] - E[:, None, :, :]  # (B, C+1, C+1, H): from end j to end k
-    if seq_idx is not None:
-        ends = F.pad(seg_end, (1, 0), value=0)  # the initial state is segment 0
-        chunk_keep = chunk_causal & (ends[:, :, None] == ends[:, None, :])
-        chunk_keep = chunk_keep.unsqueeze(-1)
-    else:
-        chunk_keep = chunk_causal[..., None]
-    chunk_decay = torch.exp(gap.masked_fill(~chunk_keep, -torch.inf))  # (B, C+1, C+1, H)
-    carried = torch.einsum("bkjh,bjhpn->bkhpn", chunk_decay, states)  # (B, C+1, H, P, N)
-    entering, final_state = carried[:, :-1], carried[:, -1]
-
-    # 4. Output of the entering state: y_l += exp(cs_l) C_l . state
-    Cg = C.permute(0, 1, 3, 2, 4)  # (B, C, G, L, N)
-    st = entering.reshape(b, c, g, hg * p, n).transpose(-1, -2)  # (B, C, G, N, HG*P)
-    y_off = torch.matmul(Cg, st).view(b, c, g, L, hg, p).permute(0, 1, 2, 4, 3, 5).reshape(b, c, h, L, p)
-    out_decay = torch.exp(cs)  # (B, C, H, L)
-    if seq_idx is not None:
-        out_decay = out_decay * (seg == F.pad(seg_end, (1, 0), value=0)[:, :-1, None]).unsqueeze(2)
-    y = y + y_off * out_decay.unsqueeze(-1)
-
-    y = y.permute(0, 1, 3, 2, 4).reshape(b, c * L, h, p)[:, :t]
-    if D is not None:
-        y = y + x.view(b, c * L, h, p)[:, :t] * D.float()[:, None]
-    return y, final_state
-
-
-class _SSDLayout:
-    """Inputs padded to whole chunks, in the layouts both passes of `SSDChunkScan` use.
+class _SSDChunks:
+    """The scan's inputs padded to whole chunks, with the decays and segment masks both passes of
+    `SSDChunkScan` read.
 
     "Token" layout keeps the input order (B, C, L, H, ...): the state matmuls run on it as one
     (L, H/G*P) matrix per chunk and group. "Head" layout (B, C, H, L, ...) is for the within-chunk
@@ -436,15 +470,18 @@ class _SSDLayout:
         self.C = self.groups(C.view(b, c, L, g, n))
         causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
         if seq_idx is None:
-            self.keep, self.m_out, self.m_in, self.m_pass = causal, None, None, None
+            self.keep, self.in_leaving_segment, self.in_entering_segment, self.entering_passes = causal, None, None, None
         else:
             seg = seq_idx.view(b, c, L)
             self.keep = (causal & (seg[..., :, None] == seg[..., None, :])).unsqueeze(2)  # (B, C, 1, L, L)
             seg_end = seg[..., -1]  # (B, C): segment whose state leaves each chunk
             seg_in = F.pad(seg_end, (1, 0), value=0)[:, :-1]  # segment of the state entering each chunk
-            self.m_out = (seg == seg_end[..., None]).unsqueeze(-1).to(x.dtype)  # (B, C, L, 1)
-            self.m_in = (seg == seg_in[..., None]).unsqueeze(-1).to(x.dtype)
-            self.m_pass = (seg_end == seg_in).unsqueeze(-1).to(x.dtype)  # (B, C, 1)
+            # 1 for tokens of the segment whose state leaves the chunk (the only ones it carries)
+            self.in_leaving_segment = (seg == seg_end[..., None]).unsqueeze(-1).to(x.dtype)  # (B, C, L, 1)
+            # 1 for tokens of the segment the entering state belongs to (the only ones it reaches)
+            self.in_entering_segment = (seg == seg_in[..., None]).unsqueeze(-1).to(x.dtype)
+            # 1 where the entering state's segment runs through the whole chunk (it leaves it too)
+            self.entering_passes = (seg_end == seg_in).unsqueeze(-1).to(x.dtype)  # (B, C, 1)
 
     def groups(self, v):
         """(B, C, L, H, P) or (B, C, L, G, N) -> (B, C, G, L, H/G*P or N); for one group a plain view
@@ -471,17 +508,17 @@ class _SSDLayout:
     def decay_out(self):
         """exp(cs_end - cs_s): decay from each token to its chunk's end, 0 outside the leaving segment."""
         w = torch.exp(self.cs[:, :, -1:] - self.cs)  # (B, C, L, H)
-        return w if self.m_out is None else w * self.m_out
+        return w if self.in_leaving_segment is None else w * self.in_leaving_segment
 
     def decay_in(self):
         """exp(cs_l): decay from the chunk start to each token, 0 outside the entering segment."""
         od = torch.exp(self.cs)
-        return od if self.m_in is None else od * self.m_in
+        return od if self.in_entering_segment is None else od * self.in_entering_segment
 
     def decay_pass(self):
         """Decay across each whole chunk, 0 where the entering state's segment ends inside it: (B, C, H)."""
         a = torch.exp(self.cs[:, :, -1])
-        return a if self.m_pass is None else a * self.m_pass
+        return a if self.entering_passes is None else a * self.entering_passes
 
     def within(self, dec, CB):
         """Within-chunk matrix M = decay * (C . B): (B, C, H, L, L), computed in place in `dec`."""
@@ -501,12 +538,15 @@ class _SSDLayout:
         return v.reshape(self.b, self.c * self.L, *v.shape[3:])[:, : self.t]
 
 
-def _states_to_bhpn(s, z):
-    return z.state_heads(s).permute(0, 1, 3, 4, 2).reshape(z.b, z.h, z.p, z.n)
+def _states_to_bhpn(s, chunks):
+    """A state (B, G, N, H/G*P) as (B, H, P, N), the layout callers pass and get back."""
+    return chunks.state_heads(s).permute(0, 1, 3, 4, 2).reshape(chunks.b, chunks.h, chunks.p, chunks.n)
 
 
-def _states_from_bhpn(s, z):
-    return s.view(z.b, z.g, z.h // z.g, z.p, z.n).permute(0, 1, 4, 2, 3).reshape(z.b, z.g, z.n, -1)
+def _states_from_bhpn(s, chunks):
+    """A state (B, H, P, N) as (B, G, N, H/G*P), the layout of the scan's state matmuls."""
+    g, hg = chunks.g, chunks.h // chunks.g
+    return s.view(chunks.b, g, hg, chunks.p, chunks.n).permute(0, 1, 4, 2, 3).reshape(chunks.b, g, chunks.n, -1)
 
 
 class SSDChunkScan(torch.autograd.Function):
@@ -529,108 +569,108 @@ class SSDChunkScan(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, x, dt, A, B, C, D, initial_state, seq_idx, chunk_size):
-        z = _SSDLayout(x, dt, A, B, C, chunk_size, seq_idx)
-        b, c, h, p, L = z.b, z.c, z.h, z.p, z.L
+        chunks = _SSDChunks(x, dt, A, B, C, chunk_size, seq_idx)
+        b, c, h, p, L = chunks.b, chunks.c, chunks.h, chunks.p, chunks.L
         # 1. within chunks: y_l = sum_{s<=l} C_l.B_s exp(cs_l - cs_s) dt_s x_s
-        xdt = z.heads(z.x).mul_(z.dt.transpose(2, 3)[..., None])  # (B, C, H, L, P)
-        M = z.within(z.decay_within(), torch.matmul(z.C, z.B.transpose(-1, -2)))
+        xdt = chunks.heads(chunks.x).mul_(chunks.dt.transpose(2, 3)[..., None])  # (B, C, H, L, P)
+        M = chunks.within(chunks.decay_within(), torch.matmul(chunks.C, chunks.B.transpose(-1, -2)))
         y = torch.matmul(M, xdt)  # (B, C, H, L, P)
         del M, xdt
         # 2. state each chunk leaves behind, (B, C, G, N, H/G*P): sum_s B_s exp(cs_end - cs_s) dt_s x_s
-        xw = z.x * (z.dt * z.decay_out())[..., None]  # (B, C, L, H, P)
-        states = torch.matmul(z.B.transpose(-1, -2), z.groups(xw))
+        xw = chunks.x * (chunks.dt * chunks.decay_out())[..., None]  # (B, C, L, H, P)
+        states = torch.matmul(chunks.B.transpose(-1, -2), chunks.groups(xw))
         del xw
         # 3. across chunks: turn `states` into the state entering each chunk, in place
-        a = z.decay_pass()  # (B, C, H)
-        s = x.new_zeros(b, z.g, z.n, h // z.g * p) if initial_state is None else _states_from_bhpn(initial_state, z)
+        a = chunks.decay_pass()  # (B, C, H)
+        s = x.new_zeros(b, chunks.g, chunks.n, h // chunks.g * p) if initial_state is None else _states_from_bhpn(initial_state, chunks)
         for k in range(c):
-            s_next = torch.addcmul(z.state_heads(states[:, k]), z.state_heads(s), z.per_head(a[:, k])).view_as(s)
+            s_next = torch.addcmul(chunks.state_heads(states[:, k]), chunks.state_heads(s), chunks.per_head(a[:, k])).view_as(s)
             states[:, k].copy_(s)
             s = s_next
         # 4. output of the entering state: y_l += exp(cs_l) C_l . entering
-        y_in = z.ungroup(torch.matmul(z.C, states)).mul_(z.decay_in()[..., None])  # (B, C, L, H, P)
+        y_in = chunks.ungroup(torch.matmul(chunks.C, states)).mul_(chunks.decay_in()[..., None])  # (B, C, L, H, P)
         out = torch.empty(b, c, L, h, p, dtype=x.dtype, device=x.device)
-        out = z.unpad(torch.add(y.transpose(2, 3), y_in, out=out))
+        out = chunks.unpad(torch.add(y.transpose(2, 3), y_in, out=out))
         if D is not None:
             out.addcmul_(x, D[:, None])
         # y_in is kept for its log-decay gradient: recomputing it would cost a state-sized matmul
         ctx.save_for_backward(x, dt, A, B, C, D, states, y_in if any(ctx.needs_input_grad) else None, seq_idx)
         ctx.chunk_size, ctx.has_initial_state = chunk_size, initial_state is not None
-        return out, _states_to_bhpn(s, z)
+        return out, _states_to_bhpn(s, chunks)
 
     @staticmethod
     def _backward(ctx, dy, dfinal):
         x, dt, A, B, C, D, entering, y_in, seq_idx = ctx.saved_tensors
-        z = _SSDLayout(x, dt, A, B, C, ctx.chunk_size, seq_idx)
-        b, c, h, p, L = z.b, z.c, z.h, z.p, z.L
+        chunks = _SSDChunks(x, dt, A, B, C, ctx.chunk_size, seq_idx)
+        b, c, h, p, L = chunks.b, chunks.c, chunks.h, chunks.p, chunks.L
         dy = dy.contiguous()
-        dyc = (F.pad(dy, (0, 0, 0, 0, 0, z.pad)) if z.pad else dy).view(b, c, L, h, p)
+        dyc = (F.pad(dy, (0, 0, 0, 0, 0, chunks.pad)) if chunks.pad else dy).view(b, c, L, h, p)
 
         # 4. y_in = od * (C . entering)
-        dy_od = dyc * z.decay_in()[..., None]  # (B, C, L, H, P)
-        dy_od_g = z.groups(dy_od)  # (B, C, G, L, H/G*P)
+        dy_od = dyc * chunks.decay_in()[..., None]  # (B, C, L, H, P)
+        dy_od_g = chunks.groups(dy_od)  # (B, C, G, L, H/G*P)
         dC = torch.matmul(dy_od_g, entering.transpose(-1, -2))  # (B, C, G, L, N)
         dcs = torch.linalg.vecdot(dyc, y_in)  # (B, C, L, H): y_in already carries exp(cs)
         del y_in
-        d_entering = torch.matmul(z.C.transpose(-1, -2), dy_od_g)  # (B, C, G, N, H/G*P)
+        d_entering = torch.matmul(chunks.C.transpose(-1, -2), dy_od_g)  # (B, C, G, N, H/G*P)
         del dy_od, dy_od_g
         # 3. across chunks, backwards; d_entering becomes the gradient of each chunk's state in place
-        a = z.decay_pass()
-        gs = x.new_zeros(b, z.g, z.n, h // z.g * p) if dfinal is None else _states_from_bhpn(dfinal, z)
+        a = chunks.decay_pass()
+        gs = x.new_zeros(b, chunks.g, chunks.n, h // chunks.g * p) if dfinal is None else _states_from_bhpn(dfinal, chunks)
         da = x.new_empty(b, c, h)
         for k in range(c - 1, -1, -1):
-            da[:, k] = (z.state_heads(gs) * z.state_heads(entering[:, k])).sum((2, 4)).view(b, h)
-            g_prev = torch.addcmul(z.state_heads(d_entering[:, k]), z.state_heads(gs), z.per_head(a[:, k])).view_as(gs)
+            da[:, k] = (chunks.state_heads(gs) * chunks.state_heads(entering[:, k])).sum((2, 4)).view(b, h)
+            g_prev = torch.addcmul(chunks.state_heads(d_entering[:, k]), chunks.state_heads(gs), chunks.per_head(a[:, k])).view_as(gs)
             d_entering[:, k].copy_(gs)
             gs = g_prev
-        d_initial = _states_to_bhpn(gs, z) if ctx.has_initial_state else None
+        d_initial = _states_to_bhpn(gs, chunks) if ctx.has_initial_state else None
         d_states = d_entering
         dcs[:, :, -1] += da * a
         # 2. states = B^T (x * dt * w)
-        w = z.decay_out()  # (B, C, L, H)
-        coef = z.dt * w
-        u = z.ungroup(torch.matmul(z.B, d_states))  # d(x * coef), (B, C, L, H, P)
+        w = chunks.decay_out()  # (B, C, L, H)
+        coef = chunks.dt * w
+        u = chunks.ungroup(torch.matmul(chunks.B, d_states))  # d(x * coef), (B, C, L, H, P)
         dx = u * coef[..., None]
-        dcoef = torch.linalg.vecdot(u, z.x)  # (B, C, L, H)
+        dcoef = torch.linalg.vecdot(u, chunks.x)  # (B, C, L, H)
         del u
         ddt = dcoef * w
         dwe = dcoef * coef  # d(log w)
         dcs -= dwe
         dcs[:, :, -1] += dwe.sum(2)
-        xw = z.x * coef[..., None]
-        dB = torch.matmul(z.groups(xw), d_states.transpose(-1, -2))  # (B, C, G, L, N)
+        xw = chunks.x * coef[..., None]
+        dB = torch.matmul(chunks.groups(xw), d_states.transpose(-1, -2))  # (B, C, G, L, N)
         del xw
         # 1. within chunks
-        dec = z.decay_within()
-        CB = torch.matmul(z.C, z.B.transpose(-1, -2))  # (B, C, G, L, L)
-        dy_h = z.heads(dyc)
-        xdt = z.heads(z.x).mul_(z.dt.transpose(2, 3)[..., None])
+        dec = chunks.decay_within()
+        CB = torch.matmul(chunks.C, chunks.B.transpose(-1, -2))  # (B, C, G, L, L)
+        dy_h = chunks.heads(dyc)
+        xdt = chunks.heads(chunks.x).mul_(chunks.dt.transpose(2, 3)[..., None])
         dMd = torch.matmul(dy_h, xdt.transpose(-1, -2)).mul_(dec)  # dM * decay, (B, C, H, L, L)
         del xdt
-        dCB = dMd.view(b, c, z.g, -1, L, L).sum(3)  # (B, C, G, L, L)
-        dS = z.within(dMd, CB)  # d(log decay)
+        dCB = dMd.view(b, c, chunks.g, -1, L, L).sum(3)  # (B, C, G, L, L)
+        dS = chunks.within(dMd, CB)  # d(log decay)
         dcs += (dS.sum(-1) - dS.sum(-2)).transpose(2, 3)
         del dS, dMd
-        M = z.within(dec, CB)
+        M = chunks.within(dec, CB)
         dxdt = torch.matmul(M.transpose(-1, -2), dy_h).transpose(2, 3)  # (B, C, L, H, P)
         del M, dy_h
-        dx.addcmul_(dxdt, z.dt[..., None])
-        ddt += torch.linalg.vecdot(dxdt, z.x)
+        dx.addcmul_(dxdt, chunks.dt[..., None])
+        ddt += torch.linalg.vecdot(dxdt, chunks.x)
         del dxdt
-        dC += torch.matmul(dCB, z.B)
-        dB += torch.matmul(dCB.transpose(-1, -2), z.C)
+        dC += torch.matmul(dCB, chunks.B)
+        dB += torch.matmul(dCB.transpose(-1, -2), chunks.C)
         # cs = cumsum(dt * A) within each chunk
         dlog = dcs.flip(2).cumsum(2).flip(2)  # (B, C, L, H)
-        dA = (dlog * z.dt).sum((0, 1, 2))
+        dA = (dlog * chunks.dt).sum((0, 1, 2))
         ddt += dlog * A
-        dx = z.unpad(dx)
+        dx = chunks.unpad(dx)
         dD = None
         if D is not None:
             dx.addcmul_(dy, D[:, None])
             dD = torch.linalg.vecdot(dy, x).sum((0, 1))
-        dB = z.unpad(dB.transpose(2, 3))
-        dC = z.unpad(dC.transpose(2, 3))
-        return dx, z.unpad(ddt), dA, dB, dC, dD, d_initial, None, None
+        dB = chunks.unpad(dB.transpose(2, 3))
+        dC = chunks.unpad(dC.transpose(2, 3))
+        return dx, chunks.unpad(ddt), dA, dB, dC, dD, d_initial, None, None
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=None):
@@ -641,8 +681,63 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=Non
     return SSDChunkScan.apply(x, dt, A, B, C, D, init, seq_idx, chunk_size)
 
 
-def selective_scan_ref(u, delta, A, B, C, D=None, initial_state=None, seq_idx=None, chunk_size=64):
-    """Selective scan of Mamba-1 without a loop over tokens.
+class RMSNormFunction(torch.autograd.Function):
+    """`rms_norm_ref` with a hand-written backward that keeps only the inputs and the per-group
+    statistic: the normalised tensor is recomputed, which saves the several full-size intermediates
+    autograd would keep and their extra passes.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, gate, eps, group_size):
+        # rms_norm_ref's arithmetic, keeping the statistic
+        h = _at_least_fp32(x)
+        if gate is not None:
+            h = h * F.silu(_at_least_fp32(gate))
+        grouped = h.view(*h.shape[:-1], -1, group_size)
+        rstd = torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)  # (..., groups, 1)
+        out = weight * (grouped * rstd).view(x.shape).to(x.dtype)
+        ctx.save_for_backward(x, weight, gate, rstd)
+        ctx.group_size = group_size
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, gate, rstd = ctx.saved_tensors
+        gs = ctx.group_size
+        xf = _at_least_fp32(x)
+        if gate is not None:
+            g = _at_least_fp32(gate)
+            silu = F.silu(g)
+            h = xf * silu
+        else:
+            h = xf
+        n = h.view(*h.shape[:-1], -1, gs) * rstd  # the normalised input, (..., groups, group size)
+        dweight = None
+        if ctx.needs_input_grad[1]:
+            dweight = (dout * n.view(x.shape).to(x.dtype)).reshape(-1, x.shape[-1]).sum(0)
+        dn = _at_least_fp32(dout * weight).view(n.shape)
+        mean = torch.linalg.vecdot(dn, n).unsqueeze(-1) / gs
+        dh = (torch.addcmul(dn, n, mean, value=-1) * rstd).view(x.shape)
+        dgate = None
+        if gate is not None:
+            if ctx.needs_input_grad[2]:
+                dgate = torch.ops.aten.silu_backward(dh * xf, g).to(gate.dtype)
+            dh = dh * silu
+        return dh.to(x.dtype), dweight, dgate, None, None
+
+
+def rms_norm(x, weight, gate=None, eps=1e-6, group_size=None):
+    """`rms_norm_ref`'s contract, computed by `RMSNormFunction` when a gradient is wanted; without one
+    (inference, decode) by `rms_norm_ref` itself, without the autograd.Function's per-call overhead."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (gate is not None and gate.requires_grad)):
+        return RMSNormFunction.apply(x, weight, gate, eps, group_size or x.shape[-1])
+    return rms_norm_ref(x, weight, gate, eps, group_size)
+
+
+def selective_scan(u, delta, A, B, C, D=None, initial_state=None, seq_idx=None, chunk_size=64):
+    """Selective scan of Mamba-1 without a loop over tokens: the Mamba-1 mixer's scan under both
+    `mamba_ops` (plain autograd; tested against the token-by-token recurrence). On CUDA, mamba-ssm's
+    `selective_scan_fn` replaces it when there are no segments and no initial state.
 
     u, delta (B, T, E), A (E, N) negative, B and C (B, T, N), D (E,), initial_state (B, E, N).
     Within a chunk the linear recurrence h_t = a_t h_{t-1} + b_t is solved by log-depth doubling
@@ -674,8 +769,29 @@ def selective_scan_ref(u, delta, A, B, C, D=None, initial_state=None, seq_idx=No
     return y, state
 
 
+@dataclass(frozen=True)
+class MambaOps:
+    """One implementation of each operator family the Mamba mixers and the norms call; both sets keep
+    the contracts of the references."""
+
+    causal_conv1d: Callable
+    ssd_scan: Callable
+    selective_scan: Callable
+    rms_norm: Callable
+
+
+# `config.mamba_ops` picks one. "reference" runs the readable operators (a fast one under suspicion is
+# ruled out by switching to it) and never the CUDA kernels; Mamba-1's scan is the same in both.
+MAMBA_OPS = {
+    "fast": MambaOps(causal_conv1d, ssd_scan, selective_scan, rms_norm),
+    "reference": MambaOps(causal_conv1d_ref, ssd_scan_ref, selective_scan, rms_norm_ref),
+}
+
+
 def _use_kernels(module: nn.Module, x: torch.Tensor) -> bool:
-    return x.is_cuda and module.config.use_mamba_kernels and not torch.compiler.is_compiling()
+    """mamba-ssm / causal-conv1d kernels (those importable) in place of the fast operators, never the references."""
+    fast = module.ops is MAMBA_OPS["fast"]
+    return x.is_cuda and fast and module.config.use_mamba_kernels and not torch.compiler.is_compiling()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -683,79 +799,15 @@ def _use_kernels(module: nn.Module, x: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-def _at_least_fp32(t):
-    """fp32 for half types, unchanged for fp32 and fp64."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-class RMSNormFunction(torch.autograd.Function):
-    """weight * rmsnorm(x [* silu(gate)]) per group of `group_size` channels, statistics in fp32.
-
-    The same arithmetic as transformers' LlamaRMSNorm (and mamba-ssm's gated norm with
-    norm_before_gate=False), with a hand-written backward that keeps only the inputs and the
-    per-group statistic: the normalised tensor is recomputed, which saves the several full-size
-    intermediates autograd would keep and their extra passes.
-    """
-
-    @staticmethod
-    def normalise(x, weight, gate, eps, group_size):
-        """The forward: (output, rsqrt statistic per group (..., groups, 1))."""
-        h = _at_least_fp32(x)
-        if gate is not None:
-            h = h * F.silu(_at_least_fp32(gate))
-        grouped = h.view(*h.shape[:-1], -1, group_size)
-        rstd = torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
-        return weight * (grouped * rstd).view(x.shape).to(x.dtype), rstd
-
-    @staticmethod
-    def forward(ctx, x, weight, gate, eps, group_size):
-        out, rstd = RMSNormFunction.normalise(x, weight, gate, eps, group_size)
-        ctx.save_for_backward(x, weight, gate, rstd)
-        ctx.group_size = group_size
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, weight, gate, rstd = ctx.saved_tensors
-        gs = ctx.group_size
-        xf = _at_least_fp32(x)
-        if gate is not None:
-            g = _at_least_fp32(gate)
-            silu = F.silu(g)
-            h = xf * silu
-        else:
-            h = xf
-        n = h.view(*h.shape[:-1], -1, gs) * rstd  # the normalised input, (..., groups, group size)
-        dweight = None
-        if ctx.needs_input_grad[1]:
-            dweight = (dout * n.view(x.shape).to(x.dtype)).reshape(-1, x.shape[-1]).sum(0)
-        dn = _at_least_fp32(dout * weight).view(n.shape)
-        mean = torch.linalg.vecdot(dn, n).unsqueeze(-1) / gs
-        dh = (torch.addcmul(dn, n, mean, value=-1) * rstd).view(x.shape)
-        dgate = None
-        if gate is not None:
-            if ctx.needs_input_grad[2]:
-                dgate = torch.ops.aten.silu_backward(dh * xf, g).to(gate.dtype)
-            dh = dh * silu
-        return dh.to(x.dtype), dweight, dgate, None, None
-
-
-def _rms_norm(x, weight, gate, eps, group_size):
-    """RMSNormFunction when a gradient is wanted; without one (inference, decode) the same forward
-    without the autograd.Function's per-call overhead."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (gate is not None and gate.requires_grad)):
-        return RMSNormFunction.apply(x, weight, gate, eps, group_size)
-    return RMSNormFunction.normalise(x, weight, gate, eps, group_size)[0]
-
-
 class HybridMambaRMSNorm(nn.Module):
-    def __init__(self, hidden_size, eps=1e-6):
+    def __init__(self, hidden_size, eps=1e-6, ops="fast"):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
+        self.rms_norm = MAMBA_OPS[ops].rms_norm
 
     def forward(self, hidden_states):
-        return _rms_norm(hidden_states, self.weight, None, self.variance_epsilon, hidden_states.shape[-1])
+        return self.rms_norm(hidden_states, self.weight, None, self.variance_epsilon)
 
     def extra_repr(self):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -764,14 +816,15 @@ class HybridMambaRMSNorm(nn.Module):
 class HybridMambaRMSNormGated(nn.Module):
     """norm(y * silu(z)) with one RMS statistic per group of channels (mamba-ssm, norm_before_gate=False)."""
 
-    def __init__(self, hidden_size, group_size, eps=1e-6):
+    def __init__(self, hidden_size, group_size, eps=1e-6, ops="fast"):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
         self.group_size = group_size
+        self.rms_norm = MAMBA_OPS[ops].rms_norm
 
     def forward(self, hidden_states, gate):
-        return _rms_norm(hidden_states, self.weight, gate, self.variance_epsilon, self.group_size)
+        return self.rms_norm(hidden_states, self.weight, gate, self.variance_epsilon, self.group_size)
 
 
 class HybridMambaRotaryEmbedding(nn.Module):
@@ -895,8 +948,9 @@ class _MambaMixerBase(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
+        self.ops = MAMBA_OPS[config.mamba_ops]  # the operators every call below goes through
         self.hidden_size = config.hidden_size
-        self.d_inner = config.mamba_expand * config.hidden_size
+        self.d_inner = config.mamba_d_inner
         self.d_state = config.mamba_d_state
         self.conv_kernel_size = config.mamba_d_conv
 
@@ -916,7 +970,7 @@ class _MambaMixerBase(nn.Module):
         if prefix is None and seq_idx is None and _use_kernels(self, xBC) and causal_conv1d_fn is not None:
             out = causal_conv1d_fn(xBC, w, bias, activation="silu")
         else:
-            out = causal_conv1d(xBC, w, bias, prefix=prefix, seq_idx=seq_idx, silu=True)
+            out = self.ops.causal_conv1d(xBC, w, bias, prefix=prefix, seq_idx=seq_idx, silu=True)
         if cache is not None:  # after the conv: the cached tensor is updated in place
             cache.update_conv_state(xBC, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
         return out
@@ -935,7 +989,7 @@ class HybridMamba2Mixer(_MambaMixerBase):
     def __init__(self, config: HybridMambaConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.head_dim = config.mamba_head_dim
-        self.num_heads = self.d_inner // self.head_dim
+        self.num_heads = config.mamba_n_heads
         self.n_groups = config.mamba_n_groups
         self.chunk_size = config.mamba_chunk_size
         self.dt_limit = tuple(config.mamba_dt_limit)
@@ -948,7 +1002,9 @@ class HybridMamba2Mixer(_MambaMixerBase):
         self.dt_bias = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32))
         self.A_log = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32))
         self.D = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32))
-        self.norm = HybridMambaRMSNormGated(self.d_inner, self.d_inner // self.n_groups, eps=config.rms_norm_eps)
+        self.norm = HybridMambaRMSNormGated(
+            self.d_inner, self.d_inner // self.n_groups, eps=config.rms_norm_eps, ops=config.mamba_ops
+        )
         self.out_proj = nn.Linear(self.d_inner, self.hidden_size, bias=config.mamba_proj_bias)
         self._tag_ssm_parameters()
 
@@ -999,7 +1055,7 @@ class HybridMamba2Mixer(_MambaMixerBase):
             else:
                 dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
                 chunk = self.chunk_size if x.is_cuda else min(self.chunk_size, CPU_CHUNK_SIZE)
-                y, final = ssd_scan(x, dt, A, B, C, chunk, D=self.D, initial_state=state, seq_idx=seq_idx)
+                y, final = self.ops.ssd_scan(x, dt, A, B, C, chunk, D=self.D, initial_state=state, seq_idx=seq_idx)
             if cache is not None:
                 cache.update_recurrent_state(final, self.layer_idx)
             y = y.reshape(b, t, self.d_inner)
@@ -1096,7 +1152,7 @@ class HybridMamba1Mixer(_MambaMixerBase):
             if cache is not None:
                 cache.update_recurrent_state(final, self.layer_idx)
         else:
-            y, final = selective_scan_ref(x, dt, A, B, C, D=self.D, initial_state=state, seq_idx=seq_idx)
+            y, final = self.ops.selective_scan(x, dt, A, B, C, D=self.D, initial_state=state, seq_idx=seq_idx)
             if cache is not None:
                 cache.update_recurrent_state(final, self.layer_idx)
         y = y.to(hidden_states.dtype) * F.silu(z)
@@ -1112,14 +1168,14 @@ class HybridMambaDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: HybridMambaConfig, layer_idx: int):
         super().__init__()
         self.mixer_type = config.mixer_type(layer_idx)
-        self.input_layernorm = HybridMambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = HybridMambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps, ops=config.mamba_ops)
         mixer = MIXER_CLASSES[self.mixer_type](config, layer_idx)
         if self.mixer_type == "attention":
             self.self_attn = mixer
         else:
             self.mamba = mixer
         if config.intermediate_size > 0:
-            self.pre_mlp_layernorm = HybridMambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.pre_mlp_layernorm = HybridMambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps, ops=config.mamba_ops)
             self.mlp = HybridMambaMLP(config)
         else:
             self.mlp = None
@@ -1238,7 +1294,7 @@ class HybridMambaModel(HybridMambaPreTrainedModel):
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([HybridMambaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = HybridMambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = HybridMambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps, ops=config.mamba_ops)
         uses_rope = config.position_embedding_type == "rope" and "attention" in config.layer_types
         self.rotary_emb = HybridMambaRotaryEmbedding(config) if uses_rope else None
         self.gradient_checkpointing = False
@@ -1425,9 +1481,14 @@ __all__ = [
     "HybridMamba1Mixer",
     "HybridMamba2Mixer",
     "HybridMambaAttention",
-    "ssd_scan_ref",
-    "selective_scan_ref",
+    "MAMBA_OPS",
     "causal_conv1d_ref",
+    "ssd_scan_ref",
+    "rms_norm_ref",
+    "causal_conv1d",
+    "ssd_scan",
+    "rms_norm",
+    "selective_scan",
     "segment_ids",
     "write_remote_code",
 ]

@@ -10,6 +10,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 from modeling import HybridMambaForCausalLM, HybridMambaForSequenceClassification, HybridMambaModel
 
 ALL_LAYOUTS = list(LAYOUTS)
+# Behaviour tests run on both operator sets: the fast operators and the references they are tested against.
+MAMBA_OPS = ["fast", "reference"]
 
 
 def model_for(layout, **kw):
@@ -20,9 +22,10 @@ def ids(b=2, t=21, vocab=512):
     return torch.randint(3, vocab, (b, t))
 
 
+@pytest.mark.parametrize("mamba_ops", MAMBA_OPS)
 @pytest.mark.parametrize("layout", ALL_LAYOUTS)
-def test_cached_decode_equals_full_forward(layout):
-    m, x = model_for(layout), ids()
+def test_cached_decode_equals_full_forward(layout, mamba_ops):
+    m, x = model_for(layout, mamba_ops=mamba_ops), ids()
     with torch.no_grad():
         full = m(x, use_cache=False).logits
         out = m(x[:, :13], use_cache=True)
@@ -56,9 +59,10 @@ def test_mamba_state_does_not_grow_with_context():
     assert sizes[0] == sizes[1]
 
 
+@pytest.mark.parametrize("mamba_ops", MAMBA_OPS)
 @pytest.mark.parametrize("layout", ALL_LAYOUTS)
-def test_left_padded_batch_equals_rows_alone(layout):
-    m, x = model_for(layout), ids(3, 17)
+def test_left_padded_batch_equals_rows_alone(layout, mamba_ops):
+    m, x = model_for(layout, mamba_ops=mamba_ops), ids(3, 17)
     mask = torch.ones_like(x)
     mask[1, :5] = 0
     mask[2, :12] = 0  # shorter than the conv width after decoding starts
@@ -74,10 +78,11 @@ def test_left_padded_batch_equals_rows_alone(layout):
             assert gen[row, 17:].tolist() == gen_alone[0, 17 - start :].tolist()
 
 
+@pytest.mark.parametrize("mamba_ops", MAMBA_OPS)
 @pytest.mark.parametrize("layout", ALL_LAYOUTS)
 @pytest.mark.parametrize("use_cache", [False, True])
-def test_packed_row_equals_documents_alone(layout, use_cache):
-    m, x = model_for(layout), ids(1, 30)
+def test_packed_row_equals_documents_alone(layout, use_cache, mamba_ops):
+    m, x = model_for(layout, mamba_ops=mamba_ops), ids(1, 30)
     lengths = [9, 4, 17]
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
     with torch.no_grad():
@@ -113,6 +118,40 @@ def test_beam_search_matches_uncached_scoring():
         torch.testing.assert_close(out.sequences_scores[0] * 5, total, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_fast_and_reference_ops_agree(packed):
+    """The fast operators against the references, through a whole hybrid model: logits and every
+    parameter's gradient (fp32), on a plain batch and on packed rows."""
+    fast = model_for("hybrid").train()
+    ref = model_for("hybrid", mamba_ops="reference").train()
+    ref.load_state_dict(fast.state_dict())
+    assert fast.model.layers[0].mamba.ops.ssd_scan is not ref.model.layers[0].mamba.ops.ssd_scan
+    x = ids(2, 29)
+    pos = torch.cat([torch.arange(11), torch.arange(18)])[None].expand(2, -1) if packed else None
+    outs = {}
+    for name, m in (("fast", fast), ("reference", ref)):
+        out = m(x, position_ids=pos, labels=x)
+        out.loss.backward()
+        outs[name] = out.logits.detach(), {n: p.grad for n, p in m.named_parameters()}
+    torch.testing.assert_close(outs["fast"][0], outs["reference"][0], atol=1e-4, rtol=1e-4)
+    for name, grad in outs["reference"][1].items():
+        torch.testing.assert_close(outs["fast"][1][name], grad, atol=1e-4, rtol=1e-4, msg=lambda s: f"{name}: {s}")
+
+
+def test_mamba_ops_is_saved_and_old_configs_default_to_fast(tmp_path):
+    m = model_for("hybrid", mamba_ops="reference")
+    m.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["mamba_ops"] == "reference"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.model.layers[0].mamba.ops is m.model.layers[0].mamba.ops
+    del config["mamba_ops"]  # a config.json written before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert AutoConfig.from_pretrained(tmp_path).mamba_ops == "fast"
+    with pytest.raises(ValueError, match="mamba_ops must be one of"):
+        tiny_config("hybrid", mamba_ops="triton")
+
+
 def test_loss_ignores_minus_100():
     m, x = model_for("hybrid"), ids(2, 12)
     labels = x.clone()
@@ -123,8 +162,9 @@ def test_loss_ignores_minus_100():
     torch.testing.assert_close(out.loss, ref)
 
 
-def test_gradient_checkpointing_gives_same_gradients():
-    m = model_for("hybrid").train()
+@pytest.mark.parametrize("mamba_ops", MAMBA_OPS)
+def test_gradient_checkpointing_gives_same_gradients(mamba_ops):
+    m = model_for("hybrid", mamba_ops=mamba_ops).train()
     x = ids(2, 19)
 
     def grads():
@@ -140,8 +180,9 @@ def test_gradient_checkpointing_gives_same_gradients():
         torch.testing.assert_close(ckpt[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_every_parameter_gets_a_gradient():
-    m = model_for("hybrid").train()
+@pytest.mark.parametrize("mamba_ops", MAMBA_OPS)
+def test_every_parameter_gets_a_gradient(mamba_ops):
+    m = model_for("hybrid", mamba_ops=mamba_ops).train()
     x = ids(2, 19)
     m(x, labels=x).loss.backward()
     missing = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]

@@ -1,16 +1,21 @@
 """The chunked pure-torch scans against token-by-token recurrences (the definitions), and the fast
-operators the model runs (hand-written backwards) against those references."""
+operators the model runs (hand-written backwards) against those references, which `MAMBA_OPS` pairs
+under the same contracts."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from modeling.modeling_hybrid_mamba import (
+    MAMBA_OPS,
+    RMSNormFunction,
     SSDChunkScan,
     causal_conv1d,
     causal_conv1d_ref,
+    rms_norm,
+    rms_norm_ref,
     segment_ids,
-    selective_scan_ref,
+    selective_scan,
     ssd_scan,
     ssd_scan_ref,
 )
@@ -78,7 +83,7 @@ def test_selective_scan_matches_recurrence(packed, t, chunk):
     B, C, D = torch.randn(b, t, n), torch.randn(b, t, n), torch.randn(e)
     h0 = torch.randn(b, e, n)
     seq = _segments(b, t) if packed else None
-    y, final = selective_scan_ref(u, delta, A, B, C, D=D, initial_state=h0, seq_idx=seq, chunk_size=chunk)
+    y, final = selective_scan(u, delta, A, B, C, D=D, initial_state=h0, seq_idx=seq, chunk_size=chunk)
     y_ref, final_ref = selective_recurrent(u, delta, A, B, C, D, h0, seq)
     torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(final, final_ref, atol=1e-4, rtol=1e-4)
@@ -138,18 +143,44 @@ def test_fast_ssd_scan_backward_is_the_derivative(packed):
     assert torch.autograd.gradcheck(lambda *v: SSDChunkScan.apply(*v, seq, 4), (x, dt, A, B, C, D, h0))
 
 
-@pytest.mark.parametrize("prefix, packed", [(False, False), (True, False), (False, True), (True, True)])
-def test_fast_conv_matches_reference_with_gradients(prefix, packed):
+@pytest.mark.parametrize(
+    "prefix, packed, silu", [(False, False, False), (True, False, False), (False, True, False), (True, True, False), (True, True, True)]
+)
+def test_fast_conv_matches_reference_with_gradients(prefix, packed, silu):
     b, e, k, t = 2, 5, 4, 29
     x = torch.randn(b, e, t, dtype=torch.float64, requires_grad=True)
     w = torch.randn(e, k, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(e, dtype=torch.float64, requires_grad=True)
     pre = torch.randn(b, e, k, dtype=torch.float64) if prefix else None
     seq = _segments(b, t) if packed else None
-    out = causal_conv1d(x, w, bias, prefix=pre, seq_idx=seq)
-    ref = causal_conv1d_ref(x, w, bias, prefix=pre, seq_idx=seq)
+    out = causal_conv1d(x, w, bias, prefix=pre, seq_idx=seq, silu=silu)
+    ref = causal_conv1d_ref(x, w, bias, prefix=pre, seq_idx=seq, silu=silu)
     torch.testing.assert_close(out, ref)
     g = torch.randn_like(out)
     for o, r in zip(torch.autograd.grad((out * g).sum(), (x, w, bias)), torch.autograd.grad((ref * g).sum(), (x, w, bias))):
         torch.testing.assert_close(o, r)
-    assert torch.autograd.gradcheck(lambda *v: causal_conv1d(*v, prefix=pre, seq_idx=seq), (x, w, bias))
+    assert torch.autograd.gradcheck(lambda *v: causal_conv1d(*v, prefix=pre, seq_idx=seq, silu=silu), (x, w, bias))
+
+
+@pytest.mark.parametrize("gated, group_size", [(False, None), (True, 4), (True, None)])
+def test_fast_rms_norm_matches_reference_with_gradients(gated, group_size):
+    x = torch.randn(2, 7, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    gate = torch.randn(2, 7, 12, dtype=torch.float64, requires_grad=True) if gated else None
+    inputs = [v for v in (x, w, gate) if v is not None]
+    out, ref = rms_norm(x, w, gate, 1e-5, group_size), rms_norm_ref(x, w, gate, 1e-5, group_size)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    for o, r in zip(torch.autograd.grad((out * g).sum(), inputs), torch.autograd.grad((ref * g).sum(), inputs)):
+        torch.testing.assert_close(o, r)
+    with torch.no_grad():  # without a gradient the fast operator is the reference itself
+        assert torch.equal(rms_norm(x, w, gate, 1e-5, group_size), ref)
+    gs = group_size or 12
+    assert torch.autograd.gradcheck(lambda x, w, *gate: RMSNormFunction.apply(x, w, *(gate or [None]), 1e-5, gs), inputs)
+
+
+def test_operator_sets_keep_one_contract():
+    fast, ref = MAMBA_OPS["fast"], MAMBA_OPS["reference"]
+    assert (fast.causal_conv1d, fast.ssd_scan, fast.rms_norm) == (causal_conv1d, ssd_scan, rms_norm)
+    assert (ref.causal_conv1d, ref.ssd_scan, ref.rms_norm) == (causal_conv1d_ref, ssd_scan_ref, rms_norm_ref)
+    assert fast.selective_scan is ref.selective_scan is selective_scan

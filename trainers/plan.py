@@ -183,10 +183,10 @@ def activation_bytes_per_token(config, kind: str, seq_len: int, act_bytes: int, 
         extra = 2 * H * L * C * L / T
         return saved, f * extra
     if kind == "mamba1":
-        from modeling.modeling_hybrid_mamba import selective_scan_ref
+        from modeling.modeling_hybrid_mamba import selective_scan
 
         E, N, R, K = config.mamba_d_inner, config.mamba_d_state, config.mamba_dt_rank, config.mamba_d_conv
-        chunk = inspect.signature(selective_scan_ref).parameters["chunk_size"].default  # the mixer calls it with the default
+        chunk = inspect.signature(selective_scan).parameters["chunk_size"].default  # the mixer calls it with the default
         saved = norm + a * 2 * E  # in_proj output [x, z]
         saved += a * E + a * (R + 2 * N)  # x_proj's contiguous input, its output [dt, B, C]
         saved += 4 * f * E  # dt_proj output in fp32, softplus(dt), u = silu(conv) in fp32, dt * u
