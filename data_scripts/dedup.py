@@ -15,6 +15,7 @@ import numpy as np
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 from datasketch.hashfunc import sha1_hash32
 
+from .docs import document_stage, map_docs
 from .recipe import DedupConfig
 
 _WORDS = re.compile(r"\w+")
@@ -25,14 +26,6 @@ def exact_key(text: str) -> str:
     """Hash of the text lower-cased with whitespace collapsed."""
     norm = _SPACE.sub(" ", text.lower()).strip()
     return hashlib.blake2b(norm.encode("utf-8"), digest_size=16).hexdigest()
-
-
-def shingles(text: str, n: int) -> set[str]:
-    """Word n-grams of the lower-cased text (the whole text when it has n words or fewer)."""
-    words = _WORDS.findall(text.lower())
-    if len(words) <= n:
-        return {" ".join(words)}
-    return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
 _P = np.uint64(0x100000001B3)
@@ -72,16 +65,23 @@ def signature(text: str, cfg: DedupConfig, seed: int) -> np.ndarray:
     return m.hashvalues
 
 
+@document_stage(("exact_hash", "minhash"), removed={"exact_hash": "", "minhash": []})
+def signature_doc(doc, cfg: DedupConfig, seed: int) -> dict:
+    text = doc["text"]
+    return {
+        "exact_hash": exact_key(text) if cfg.exact else "",
+        "minhash": signature(text, cfg, seed).tolist() if cfg.near else [],
+    }
+
+
 def signature_batch(batch: dict, cfg: DedupConfig, seed: int) -> dict:
-    keys, sigs = [], []
-    for text, reason in zip(batch["text"], batch["reason"], strict=True):
-        if reason:
-            keys.append("")
-            sigs.append([])
-            continue
-        keys.append(exact_key(text) if cfg.exact else "")
-        sigs.append(signature(text, cfg, seed).tolist() if cfg.near else [])
-    return {"exact_hash": keys, "minhash": sigs}
+    return map_docs(batch, signature_doc, cfg=cfg, seed=seed)
+
+
+@document_stage(("reason",))
+def decide_doc(doc, dedup: Deduplicator) -> dict:
+    """The decision for a document with a signature; ``dedup`` must see documents in reading order."""
+    return {"reason": dedup.check(doc["exact_hash"], doc["minhash"])}
 
 
 class Deduplicator:
@@ -117,8 +117,5 @@ class Deduplicator:
         return ""
 
     def decide_batch(self, batch: dict) -> dict:
-        """For streaming: decisions made as the batch goes by (main process, in order)."""
-        reasons = []
-        for reason, h, sig in zip(batch["reason"], batch["exact_hash"], batch["minhash"], strict=True):
-            reasons.append(reason or self.check(h, sig))
-        return {"reason": reasons}
+        """Decisions for a batch of rows in reading order (needs ``exact_hash`` and ``minhash``)."""
+        return map_docs(batch, decide_doc, dedup=self)

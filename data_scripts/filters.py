@@ -1,7 +1,7 @@
 """Stages 2-4: length filter, language identification (lingua) and quality rules with a percentile cut.
 
-Every stage function takes a batch (dict of lists) and the per-source filter settings, leaves rows that
-an earlier stage removed untouched, and writes its verdict into ``reason`` (empty: kept).
+Every stage is a per-document function (``docs.document_stage``) given the per-source filter settings;
+it writes its verdict into ``reason`` (empty: kept). The ``*_batch`` forms apply it to a batch.
 """
 
 from __future__ import annotations
@@ -11,21 +11,23 @@ import math
 
 import numpy as np
 
+from .docs import document_stage, map_docs
 from .quality import active_rules, evaluate
 from .recipe import FilterConfig
 
 
+@document_stage(("reason",))
+def length_doc(doc, filters: list[FilterConfig]) -> dict:
+    f = filters[doc["source"]]
+    if len(doc["text"]) < f.min_chars:
+        return {"reason": "length:too_short"}
+    if len(doc["text"]) > f.max_chars:
+        return {"reason": "length:too_long"}
+    return {}
+
+
 def length_batch(batch: dict, filters: list[FilterConfig]) -> dict:
-    reasons = []
-    for text, reason, src in zip(batch["text"], batch["reason"], batch["source"], strict=True):
-        if not reason:
-            f = filters[src]
-            if len(text) < f.min_chars:
-                reason = "length:too_short"
-            elif len(text) > f.max_chars:
-                reason = "length:too_long"
-        reasons.append(reason)
-    return {"reason": reasons}
+    return map_docs(batch, length_doc, filters=filters)
 
 
 @functools.lru_cache(maxsize=1)
@@ -50,43 +52,62 @@ def language_sample(text: str, max_chars: int) -> str:
     return "\n".join(parts)
 
 
-def language_batch(batch: dict, filters: list[FilterConfig]) -> dict:
-    """Columns ``language`` (ISO 639-1 code or "") and ``language_score``; removes other languages."""
-    n = len(batch["text"])
-    langs, scores, reasons = [""] * n, [float("nan")] * n, list(batch["reason"])
-    todo = [i for i in range(n) if not reasons[i] and filters[batch["source"][i]].language is not None]
+def _detect(docs: list, filters: list[FilterConfig]) -> list:
+    """lingua's confidence values for each document whose source filters languages, else None."""
+    todo = [i for i, d in enumerate(docs) if filters[d["source"]].language is not None]
+    out = [None] * len(docs)
     if todo:
-        samples = [language_sample(batch["text"][i], filters[batch["source"][i]].language.max_chars) for i in todo]
+        samples = [language_sample(docs[i]["text"], filters[docs[i]["source"]].language.max_chars) for i in todo]
         # lingua spreads the batch over all cores itself (Rust threads).
         results = _detector().compute_language_confidence_values_in_parallel(samples)
         for i, values in zip(todo, results, strict=True):
-            cfg = filters[batch["source"][i]].language
-            if not values:
-                reasons[i] = "language:unknown"
-                continue
-            top = values[0]
-            code = top.language.iso_code_639_1.name.lower()
-            langs[i], scores[i] = code, float(top.value)
-            if code not in {c.lower() for c in cfg.keep}:
-                reasons[i] = f"language:{code}"
-            elif top.value < cfg.threshold:
-                reasons[i] = "language:low_confidence"
-    return {"language": langs, "language_score": scores, "reason": reasons}
+            out[i] = values
+    return out
+
+
+@document_stage(
+    ("language", "language_score", "reason"),
+    removed={"language": "", "language_score": float("nan")},
+    prepare=_detect,
+)
+def language_doc(doc, values, filters: list[FilterConfig]) -> dict:
+    """Columns ``language`` (ISO 639-1 code or "") and ``language_score``; removes other languages."""
+    cfg = filters[doc["source"]].language
+    if cfg is None:
+        return {"language": "", "language_score": float("nan")}
+    if not values:
+        return {"language": "", "language_score": float("nan"), "reason": "language:unknown"}
+    top = values[0]
+    code = top.language.iso_code_639_1.name.lower()
+    reason = ""
+    if code not in {c.lower() for c in cfg.keep}:
+        reason = f"language:{code}"
+    elif top.value < cfg.threshold:
+        reason = "language:low_confidence"
+    return {"language": code, "language_score": float(top.value), "reason": reason}
+
+
+def language_batch(batch: dict, filters: list[FilterConfig]) -> dict:
+    return map_docs(batch, language_doc, filters=filters)
+
+
+def _rules(docs: list, filters: list[FilterConfig]) -> list:
+    # Resolved once per batch rather than per document.
+    rules = [active_rules(f.quality.rules, f.quality.thresholds) if f.quality else None for f in filters]
+    return [rules[d["source"]] for d in docs]
+
+
+@document_stage(("quality_score", "reason"), removed={"quality_score": float("nan")}, prepare=_rules)
+def quality_doc(doc, rules, filters: list[FilterConfig]) -> dict:
+    """Column ``quality_score``; removes documents failing a hard rule (reason ``quality:<rule>``)."""
+    if rules is None:
+        return {"quality_score": float("nan")}
+    failed, score = evaluate(doc["text"], rules, filters[doc["source"]].quality.rules)
+    return {"quality_score": score, "reason": f"quality:{failed}" if failed else ""}
 
 
 def quality_batch(batch: dict, filters: list[FilterConfig]) -> dict:
-    """Column ``quality_score``; removes documents failing a hard rule (reason ``quality:<rule>``)."""
-    rules = [active_rules(f.quality.rules, f.quality.thresholds) if f.quality else None for f in filters]
-    scores, reasons = [], []
-    for text, reason, src in zip(batch["text"], batch["reason"], batch["source"], strict=True):
-        score = float("nan")
-        if not reason and rules[src] is not None:
-            failed, score = evaluate(text, rules[src], filters[src].quality.rules)
-            if failed:
-                reason = f"quality:{failed}"
-        scores.append(score)
-        reasons.append(reason)
-    return {"quality_score": scores, "reason": reasons}
+    return map_docs(batch, quality_doc, filters=filters)
 
 
 def percentile_cuts(scores: np.ndarray, sources: np.ndarray, filters: list[FilterConfig]) -> list[float]:
@@ -105,10 +126,13 @@ def percentile_cuts(scores: np.ndarray, sources: np.ndarray, filters: list[Filte
     return cuts
 
 
+@document_stage(("reason",))
+def percentile_doc(doc, cuts: list[float]) -> dict:
+    score = doc["quality_score"]
+    if not math.isnan(score) and score < cuts[doc["source"]]:
+        return {"reason": "quality:percentile"}
+    return {}
+
+
 def percentile_batch(batch: dict, cuts: list[float]) -> dict:
-    reasons = []
-    for score, reason, src in zip(batch["quality_score"], batch["reason"], batch["source"], strict=True):
-        if not reason and not math.isnan(score) and score < cuts[src]:
-            reason = "quality:percentile"
-        reasons.append(reason)
-    return {"reason": reasons}
+    return map_docs(batch, percentile_doc, cuts=cuts)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
+from .docs import document_stage, map_docs
+
 # C0 and C1 controls except tab and newline (carriage returns are turned into newlines first).
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _ZERO_WIDTH = re.compile(r"[\u200b\u2060\ufeff]")
@@ -36,18 +38,16 @@ def normalize_text(text: str) -> tuple[str, int]:
     return text, n_control
 
 
+@document_stage(("text", "reason", "control_chars", "normalized"), removed={"control_chars": 0, "normalized": False})
+def normalize_doc(doc) -> dict:
+    new, n_control = normalize_text(doc["text"])
+    return {
+        "text": new,
+        "reason": "" if new else "normalize:empty",
+        "control_chars": n_control,
+        "normalized": new != doc["text"].rstrip(),  # a file's final newline is not worth counting
+    }
+
+
 def normalize_batch(batch: dict) -> dict:
-    texts, reasons, controls, changed = [], [], [], []
-    for text, reason in zip(batch["text"], batch["reason"], strict=True):
-        if reason:
-            texts.append(text)
-            reasons.append(reason)
-            controls.append(0)
-            changed.append(False)
-            continue
-        new, n_control = normalize_text(text)
-        texts.append(new)
-        controls.append(n_control)
-        changed.append(new != text.rstrip())  # a file's final newline is not worth counting
-        reasons.append("" if new else "normalize:empty")
-    return {"text": texts, "reason": reasons, "control_chars": controls, "normalized": changed}
+    return map_docs(batch, normalize_doc)

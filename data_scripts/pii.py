@@ -31,6 +31,7 @@ import re
 import phonenumbers
 from phonenumbers import Leniency, NumberParseException, PhoneNumberMatcher, ValidationResult
 
+from .docs import document_stage, map_docs
 from .recipe import PIIConfig
 
 PLACEHOLDERS = {"email": "<EMAIL>", "phone": "<PHONE>", "ip": "<IP_ADDRESS>", "key": "<KEY>"}
@@ -232,14 +233,12 @@ def scrub(text: str, cfg: PIIConfig) -> tuple[str, dict[str, int]]:
     return text, counts
 
 
+@document_stage(("text", *(f"pii_{k}" for k in PLACEHOLDERS)), removed={f"pii_{k}": 0 for k in PLACEHOLDERS})
+def pii_doc(doc, filters: list) -> dict:
+    cfg = filters[doc["source"]].pii
+    text, counts = (doc["text"], dict.fromkeys(PLACEHOLDERS, 0)) if cfg is None else scrub(doc["text"], cfg)
+    return {"text": text} | {f"pii_{k}": v for k, v in counts.items()}
+
+
 def pii_batch(batch: dict, filters: list) -> dict:
-    out = {"text": []} | {f"pii_{k}": [] for k in PLACEHOLDERS}
-    for text, reason, src in zip(batch["text"], batch["reason"], batch["source"], strict=True):
-        cfg = filters[src].pii
-        counts = dict.fromkeys(PLACEHOLDERS, 0)
-        if not reason and cfg is not None:
-            text, counts = scrub(text, cfg)
-        out["text"].append(text)
-        for k, v in counts.items():
-            out[f"pii_{k}"].append(v)
-    return out
+    return map_docs(batch, pii_doc, filters=filters)

@@ -1,6 +1,6 @@
 """The stages run in order, in memory (Arrow datasets, ``num_proc`` workers) or as streams.
 
-Both modes use the same batch functions; they differ in what needs the whole corpus:
+Both modes iterate the same table of stages (``STAGES``); they differ in what needs the whole corpus:
 
 - in memory: the percentile cut sees every score of a source; dedup decisions run in one pass after
   signatures are computed in parallel; the tokenizer trains on all curated text (up to
@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,14 +25,9 @@ import numpy as np
 from datasets import Dataset, concatenate_datasets
 from tqdm.auto import tqdm
 
-from .dedup import Deduplicator, signature_batch
-from .filters import (
-    language_batch,
-    length_batch,
-    percentile_batch,
-    percentile_cuts,
-    quality_batch,
-)
+from .dedup import Deduplicator, decide_doc, signature_doc
+from .docs import map_docs
+from .filters import language_doc, length_doc, percentile_cuts, percentile_doc, quality_doc
 from .mixture import (
     ArrayDocSource,
     BudgetError,
@@ -40,13 +36,13 @@ from .mixture import (
     Mixer,
     split_budget,
 )
-from .normalize import normalize_batch
+from .normalize import normalize_doc
 from .pack import Packer, block_features, save_blocks
-from .pii import pii_batch
+from .pii import pii_doc
 from .recipe import Recipe, SourceFiles
 from .report import CurationReport
 from .sources import load_source, stream_source
-from .tokenizer import EOS, load_existing, tokenize_batch, train_tokenizer
+from .tokenizer import EOS, load_existing, tokenize_doc, train_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +64,46 @@ REPORT_COLUMNS = [
 # Batch sizes: documents can be whole books, so batches stay small enough to spread over workers.
 BATCH = 64
 LANGUAGE_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # progress, logs and the datasets fingerprint of its output
+    fn: Callable  # a per-document function (docs.document_stage)
+    params: tuple[str, ...] = ("filters",)  # its keyword arguments, taken from the build's parameters
+    report: str | None = None  # the report stage its removals count under (their reason prefix)
+    batch_size: int = BATCH
+    # In memory, cheap stages run in one process on bigger batches; streams keep ``batch_size`` because it
+    # sets how far a source is read (and dedup decides, across sources) ahead of what the mixer takes.
+    memory_batch_size: int | None = None
+    parallel: bool = True  # in memory: worth ``num_proc`` workers
+    in_order: bool = False  # each decision depends on the documents before it in reading order
+
+
+# The order of the stages, for both modes and the report. A stage runs when the build has its
+# parameters: ``cuts`` only when a source has a percentile cut, ``cfg`` and ``dedup`` only when dedup
+# is on; ``cuts`` and the tokenizer are computed by each mode when it reaches the stage needing them.
+STAGES = [
+    Stage("normalize", normalize_doc, params=(), report="normalize"),
+    Stage("length", length_doc, report="length", memory_batch_size=1000, parallel=False),
+    Stage("language", language_doc, report="language", batch_size=LANGUAGE_BATCH, parallel=False),
+    Stage("quality", quality_doc, report="quality"),
+    Stage("percentile", percentile_doc, ("cuts",), report="quality", memory_batch_size=1000, parallel=False),
+    Stage("pii", pii_doc, report="pii"),
+    Stage("signature", signature_doc, ("cfg", "seed")),
+    Stage("dedup", decide_doc, ("dedup",), report="dedup", memory_batch_size=1000, parallel=False, in_order=True),
+    Stage("tokenize", tokenize_doc, ("tokenizer_file", "eos_id"), memory_batch_size=256, parallel=False),
+]
+# Reasons ``load:...`` come from reading the sources, before the first stage.
+REPORT_STAGES = list(dict.fromkeys(["load"] + [s.report for s in STAGES if s.report]))
+
+
+def _runs(stage: Stage, params: dict) -> bool:
+    return all(p in params for p in stage.params)
+
+
+def _kwargs(stage: Stage, params: dict) -> dict:
+    return {"stage_fn": stage.fn} | {p: params[p] for p in stage.params}
 
 
 @dataclass
@@ -92,9 +128,6 @@ class Build:
 
     def stage_fp(self, stage: str) -> str:
         return hashlib.sha256(f"{self.fingerprint}:{stage}".encode()).hexdigest()[:32]
-
-
-# --- in memory ----------------------------------------------------------------------------------
 
 
 def _map(
@@ -148,47 +181,48 @@ def curate_in_memory(b: Build) -> tuple[Dataset, np.ndarray, str, int]:
     # shuffled table is row perm[i] of the reading order, in which dedup decides and the report reads.
     perm = np.random.default_rng([r.seed, len(ds)]).permutation(len(ds))
     ds = ds.select(perm)
-    fk = {"filters": b.filters}
-    ds = _map(b, ds, normalize_batch, "normalize")
-    ds = _map(b, ds, length_batch, "length", fk, parallel=False, batch_size=1000)
-    ds = _map(b, ds, language_batch, "language", fk, parallel=False, batch_size=LANGUAGE_BATCH)
-    ds = _map(b, ds, quality_batch, "quality", fk)
-    cols = _columns(ds, ["source", "reason", "quality_score"])
-    kept = cols["reason"] == ""
-    cuts = percentile_cuts(cols["quality_score"][kept], cols["source"][kept], b.filters)
-    if any(np.isfinite(c) for c in cuts):
-        ds = _map(b, ds, percentile_batch, "percentile", {"cuts": cuts}, parallel=False, batch_size=1000)
-    ds = _map(b, ds, pii_batch, "pii", fk)
+    params: dict = {"filters": b.filters, "seed": r.seed}
     if r.dedup.exact or r.dedup.near:
-        ds = _map(b, ds, signature_batch, "signature", {"cfg": r.dedup, "seed": r.seed})
-        dd = Deduplicator(r.dedup, r.seed)
-        in_order: list[str] = []
-        sig = ds.select_columns(["reason", "exact_hash", "minhash"]).select(np.argsort(perm))
-        for batch in tqdm(sig.iter(batch_size=1000), total=-(-len(ds) // 1000), desc="dedup"):
-            in_order += dd.decide_batch(batch)["reason"]
-        reasons = np.array(in_order, dtype=object)[perm].tolist()
-        ds = _map(
-            b,
-            ds.remove_columns(["minhash"]),
-            _set_reasons,
-            "dedup",
-            {"reasons": reasons},
-            parallel=False,
-            batch_size=1000,
-            with_indices=True,
-        )
-    n_kept = int((_columns(ds, ["reason"])["reason"] == "").sum())
-    tokenizer_file, eos_id = _tokenizer(b, _kept_texts(ds, r), length=n_kept)
-    ds = _map(
+        params |= {"cfg": r.dedup, "dedup": Deduplicator(r.dedup, r.seed)}
+    for stage in STAGES:
+        # The percentile cut sees every kept score of a source; the tokenizer trains on all curated text.
+        if "cuts" in stage.params:
+            cols = _columns(ds, ["source", "reason", "quality_score"])
+            kept = cols["reason"] == ""
+            cuts = percentile_cuts(cols["quality_score"][kept], cols["source"][kept], b.filters)
+            if any(np.isfinite(c) for c in cuts):
+                params["cuts"] = cuts
+        if "tokenizer_file" in stage.params:
+            n_kept = int((_columns(ds, ["reason"])["reason"] == "").sum())
+            params["tokenizer_file"], params["eos_id"] = _tokenizer(b, _kept_texts(ds, r), length=n_kept)
+        if not _runs(stage, params):
+            continue
+        if stage.in_order:
+            ds = _dedup_in_reading_order(b, ds, perm, stage, params)
+        else:
+            batch_size = stage.memory_batch_size or stage.batch_size
+            ds = _map(b, ds, map_docs, stage.name, _kwargs(stage, params), stage.parallel, batch_size)
+    return ds, perm, params["tokenizer_file"], params["eos_id"]
+
+
+def _dedup_in_reading_order(b: Build, ds: Dataset, perm: np.ndarray, stage: Stage, params: dict) -> Dataset:
+    """Decisions in one pass over the signatures in reading order, in this process; then written back."""
+    batch_size = stage.memory_batch_size or stage.batch_size
+    in_order: list[str] = []
+    sig = ds.select_columns(["reason", "exact_hash", "minhash"]).select(np.argsort(perm))
+    for batch in tqdm(sig.iter(batch_size=batch_size), total=-(-len(ds) // batch_size), desc=stage.name):
+        in_order += map_docs(batch, **_kwargs(stage, params))["reason"]
+    reasons = np.array(in_order, dtype=object)[perm].tolist()
+    return _map(
         b,
-        ds,
-        tokenize_batch,
-        "tokenize",
-        {"tokenizer_file": tokenizer_file, "eos_id": eos_id},
+        ds.remove_columns(["minhash"]),
+        _set_reasons,
+        stage.name,
+        {"reasons": reasons},
         parallel=False,
-        batch_size=256,
+        batch_size=batch_size,
+        with_indices=True,
     )
-    return ds, perm, tokenizer_file, eos_id
 
 
 def _columns(ds: Dataset, names: list[str]) -> dict[str, np.ndarray]:
@@ -238,7 +272,7 @@ class _Docs:
 def build_in_memory(b: Build) -> dict:
     r = b.recipe
     ds, perm, tokenizer_file, eos_id = curate_in_memory(b)
-    report = CurationReport(b.names)
+    report = CurationReport(b.names, REPORT_STAGES)
     in_order = np.argsort(perm)
     for batch in ds.select_columns(REPORT_COLUMNS).select(in_order).iter(batch_size=10_000):
         report.update(batch)
@@ -292,9 +326,6 @@ def build_in_memory(b: Build) -> dict:
     splits["train"] = _pack_split(b, "train", sources, train_budgets, eos_id, available_train=remaining)
     splits = {"train": splits["train"], "validation": splits["validation"]}
     return _assemble(b, report, splits, tokenizer_file)
-
-
-# --- packing, shared ----------------------------------------------------------------------------
 
 
 def _whole_blocks(tokens: int, seq_len: int) -> int:
@@ -422,23 +453,17 @@ def _assemble(b: Build, report: CurationReport, splits: dict, tokenizer_file: st
     }
 
 
-# --- streaming ----------------------------------------------------------------------------------
-
-
-def _stream_curated(b: Build, i: int, cuts: list[float] | None):
-    """Source i as a lazy stream through the stages up to PII (and the percentile cut when given)."""
+def _stream_stages(b: Build, i: int, params: dict, stop_before: str | None = None):
+    """Source i as a lazy stream through the stages that ``params`` allow, up to ``stop_before``."""
     r = b.recipe
-    s = r.sources[i]
-    st = stream_source(s, i, b.files[i])
+    st = stream_source(r.sources[i], i, b.files[i])
     if r.shuffle_buffer > 1:
         st = st.shuffle(seed=r.seed + i, buffer_size=r.shuffle_buffer)
-    fk = {"filters": b.filters}
-    st = st.map(normalize_batch, batched=True, batch_size=BATCH)
-    st = st.map(length_batch, batched=True, batch_size=BATCH, fn_kwargs=fk)
-    st = st.map(language_batch, batched=True, batch_size=LANGUAGE_BATCH, fn_kwargs=fk)
-    st = st.map(quality_batch, batched=True, batch_size=BATCH, fn_kwargs=fk)
-    if cuts is not None:
-        st = st.map(percentile_batch, batched=True, batch_size=BATCH, fn_kwargs={"cuts": cuts})
+    for stage in STAGES:
+        if stage.name == stop_before:
+            break
+        if _runs(stage, params):
+            st = st.map(map_docs, batched=True, batch_size=stage.batch_size, fn_kwargs=_kwargs(stage, params))
     return st
 
 
@@ -448,7 +473,7 @@ def _stream_cuts(b: Build) -> list[float]:
         if f.quality is None or f.quality.percentile <= 0:
             continue
         scores = []
-        for row in _stream_curated(b, i, None).take(f.quality.sample_docs):
+        for row in _stream_stages(b, i, {"filters": b.filters}, stop_before="percentile").take(f.quality.sample_docs):
             if not row["reason"]:
                 scores.append(row["quality_score"])
         cut = percentile_cuts(np.array(scores), np.full(len(scores), i), b.filters)[i]
@@ -462,14 +487,12 @@ def _stream_cuts(b: Build) -> list[float]:
     return cuts
 
 
-def _stream_tokenizer_texts(b: Build, cuts: list[float]):
+def _stream_tokenizer_texts(b: Build, params: dict):
+    """Leading curated text of each source, its weight's share of ``train_max_bytes`` (before dedup)."""
     r = b.recipe
     for i, share in enumerate(r.shares):
         cap, used = int(share * r.tokenizer.train_max_bytes), 0
-        st = _stream_curated(b, i, cuts).map(
-            pii_batch, batched=True, batch_size=BATCH, fn_kwargs={"filters": b.filters}
-        )
-        for row in st:
+        for row in _stream_stages(b, i, params, stop_before="signature"):
             if used >= cap:
                 break
             if not row["reason"]:
@@ -487,31 +510,24 @@ def _kept_docs(stream, report: CurationReport):
 
 def build_streaming(b: Build) -> dict:
     r = b.recipe
+    params: dict = {"filters": b.filters, "seed": r.seed}
     cuts = _stream_cuts(b)
-    tokenizer_file, eos_id = _tokenizer(b, _stream_tokenizer_texts(b, cuts), length=None)
-    dd = Deduplicator(r.dedup, r.seed) if (r.dedup.exact or r.dedup.near) else None
-    report = CurationReport(b.names)
-    sources: list[DocSource] = []
-    for i in range(len(r.sources)):
-        st = _stream_curated(b, i, cuts)
-        st = st.map(pii_batch, batched=True, batch_size=BATCH, fn_kwargs={"filters": b.filters})
-        if dd is not None:
-            st = st.map(signature_batch, batched=True, batch_size=BATCH, fn_kwargs={"cfg": r.dedup, "seed": r.seed})
-            st = st.map(dd.decide_batch, batched=True, batch_size=BATCH)
-        st = st.map(
-            tokenize_batch,
-            batched=True,
-            batch_size=BATCH,
-            fn_kwargs={"tokenizer_file": tokenizer_file, "eos_id": eos_id},
-        )
-        sources.append(IterDocSource(_kept_docs(st, report)))
+    if any(np.isfinite(c) for c in cuts):
+        params["cuts"] = cuts
+    params["tokenizer_file"], params["eos_id"] = _tokenizer(b, _stream_tokenizer_texts(b, dict(params)), length=None)
+    if r.dedup.exact or r.dedup.near:
+        params |= {"cfg": r.dedup, "dedup": Deduplicator(r.dedup, r.seed)}
+    report = CurationReport(b.names, REPORT_STAGES)
+    sources: list[DocSource] = [
+        IterDocSource(_kept_docs(_stream_stages(b, i, params), report)) for i in range(len(b.names))
+    ]
     val_total = _whole_blocks(round(r.total_tokens * r.validation_fraction), r.seq_len)
     train_total = _whole_blocks(r.total_tokens - val_total, r.seq_len)
     splits = {}
-    splits["validation"] = _pack_split(b, "validation", sources, split_budget(val_total, r.shares), eos_id)
-    splits["train"] = _pack_split(b, "train", sources, split_budget(train_total, r.shares), eos_id)
+    splits["validation"] = _pack_split(b, "validation", sources, split_budget(val_total, r.shares), params["eos_id"])
+    splits["train"] = _pack_split(b, "train", sources, split_budget(train_total, r.shares), params["eos_id"])
     splits = {"train": splits["train"], "validation": splits["validation"]}
-    return _assemble(b, report, splits, tokenizer_file)
+    return _assemble(b, report, splits, params["tokenizer_file"])
 
 
 def build(b: Build) -> dict:

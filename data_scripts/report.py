@@ -13,7 +13,6 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-STAGES = ["load", "normalize", "length", "language", "quality", "pii", "dedup"]
 COUNTERS = {
     "normalize": ["invalid_utf8", "control_chars", "normalized"],
     "pii": ["pii_email", "pii_phone", "pii_ip", "pii_key"],
@@ -22,15 +21,15 @@ EXAMPLE_CHARS = 300
 MAX_LOAD_ERRORS = 1000
 
 
-def _stage_of(reason: str) -> int:
-    return STAGES.index(reason.split(":", 1)[0]) if reason else len(STAGES)
-
-
 class CurationReport:
-    """Accumulates rows (batches of columns) in reading order; works the same for streams."""
+    """Accumulates rows (batches of columns) in reading order; works the same for streams.
 
-    def __init__(self, source_names: list[str], examples_per_reason: int = 3):
+    ``stages`` in pipeline order (``pipeline.REPORT_STAGES``); a reason ``stage:what`` counts as removed there.
+    """
+
+    def __init__(self, source_names: list[str], stages: list[str], examples_per_reason: int = 3):
         self.names = source_names
+        self.stage_names = stages
         self.k = examples_per_reason
         # (source, reason) -> [docs, tokens, chars]
         self.totals: dict[tuple[int, str], list[int]] = defaultdict(lambda: [0, 0, 0])
@@ -75,10 +74,13 @@ class CurationReport:
                 if e["text"] is None:
                     e["text"] = texts[e["_row"]][:EXAMPLE_CHARS]
 
+    def _stage_of(self, reason: str) -> int:
+        return self.stage_names.index(reason.split(":", 1)[0]) if reason else len(self.stage_names)
+
     def stages(self) -> dict:
         """{stage: {source: {docs_in, docs_out, tokens_in, ..., removed: {reason: {...}}, counters}}}."""
         out = {}
-        for k, stage in enumerate(STAGES):
+        for k, stage in enumerate(self.stage_names):
             per_source = {}
             for src, name in enumerate(self.names):
                 d = {"docs_in": 0, "docs_out": 0, "tokens_in": 0, "tokens_out": 0, "chars_in": 0, "chars_out": 0}
@@ -86,7 +88,7 @@ class CurationReport:
                 for (s, reason), (docs, tokens, chars) in sorted(self.totals.items()):
                     if s != src:
                         continue
-                    at = _stage_of(reason)
+                    at = self._stage_of(reason)
                     if at >= k:
                         d["docs_in"] += docs
                         d["tokens_in"] += tokens

@@ -18,6 +18,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from .docs import document_stage, map_docs
 from .recipe import RecipeError, TokenizerConfig
 
 logger = logging.getLogger(__name__)
@@ -87,19 +88,22 @@ def _backend(tokenizer_file: str) -> Tokenizer:
     return Tokenizer.from_file(tokenizer_file)
 
 
-def tokenize_batch(batch: dict, tokenizer_file: str, eos_id: int) -> dict:
+def _encode(docs: list, tokenizer_file: str, eos_id: int) -> list:
+    return _backend(tokenizer_file).encode_batch_fast([d["text"] for d in docs], add_special_tokens=False)
+
+
+@document_stage(("input_ids", "num_tokens", "num_chars"), every_row=True, prepare=_encode)
+def tokenize_doc(doc, enc, tokenizer_file: str, eos_id: int) -> dict:
     """``input_ids`` (document tokens + eos) for kept rows; ``num_tokens`` and ``num_chars`` for every row.
 
     Removed rows are tokenized too, only to count their tokens for the report.
     """
-    tok = _backend(tokenizer_file)
-    encodings = tok.encode_batch_fast(batch["text"], add_special_tokens=False)
-    ids, counts = [], []
-    for enc, reason in zip(encodings, batch["reason"], strict=True):
-        if reason:
-            ids.append([])
-            counts.append(len(enc.ids))
-        else:
-            ids.append(enc.ids + [eos_id])
-            counts.append(len(enc.ids) + 1)
-    return {"input_ids": ids, "num_tokens": counts, "num_chars": [len(t) for t in batch["text"]]}
+    if doc["reason"]:
+        ids, count = [], len(enc.ids)
+    else:
+        ids, count = enc.ids + [eos_id], len(enc.ids) + 1
+    return {"input_ids": ids, "num_tokens": count, "num_chars": len(doc["text"])}
+
+
+def tokenize_batch(batch: dict, tokenizer_file: str, eos_id: int) -> dict:
+    return map_docs(batch, tokenize_doc, tokenizer_file=tokenizer_file, eos_id=eos_id)

@@ -186,3 +186,23 @@ def test_quality_scores_are_bounded(kind):
     text = prose(rng) if kind == "prose" else code(rng)
     b = quality_batch(batch([text]), [FilterConfig(quality=QualityConfig(rules=kind))])
     assert -1.0 <= b["quality_score"][0] <= 1.0
+
+
+def test_stage_functions_skip_removed_rows():
+    from data_scripts.docs import document_stage, map_docs
+
+    @document_stage(("text", "reason", "n"), removed={"n": -1})
+    def shout(doc):
+        assert not doc["reason"], "a removed row reached the stage function"
+        return {"text": doc["text"].upper(), "n": len(doc["text"])}
+
+    out = map_docs(batch(["ab", "cde", "f"], reasons=["", "length:too_short", ""]), shout)
+    assert out == {"text": ["AB", "cde", "F"], "reason": ["", "length:too_short", ""], "n": [2, -1, 1]}
+
+
+def test_report_stages_come_from_the_stage_table():
+    from data_scripts.pipeline import REPORT_STAGES, STAGES
+
+    assert REPORT_STAGES == ["load", "normalize", "length", "language", "quality", "pii", "dedup"]
+    assert [s.name for s in STAGES][-1] == "tokenize"
+    assert {s.report for s in STAGES if s.report} <= set(REPORT_STAGES)
