@@ -1,10 +1,13 @@
-"""The pretraining loop on CPU: arguments, resume after SIGKILL, 2 processes vs 1, failure handling."""
+"""The pretraining loop on CPU: arguments, resume after a SIGKILL from outside, 2 processes vs 1, failure handling."""
 
 import json
 import logging
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,8 +27,8 @@ BASE = dict(
 )
 
 
-def run_pretrain(tmp_path, data, name, launch="cpu", env=None, **overrides):
-    """`accelerate launch --config_file trainers/accelerate/<launch>.yaml trainers/pretrain.py` in a subprocess."""
+def pretrain_command(tmp_path, data, name, launch="cpu", env=None, **overrides):
+    """(command, environment) for `accelerate launch --config_file trainers/accelerate/<launch>.yaml trainers/pretrain.py`."""
     cfg = {**BASE, "data_dir": str(data), "output_dir": str(tmp_path / name), **overrides}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -33,8 +36,53 @@ def run_pretrain(tmp_path, data, name, launch="cpu", env=None, **overrides):
     if launch != "cpu":
         cmd += ["--main_process_port", str(29500 + (os.getpid() + len(name)) % 1000)]
     cmd += [str(REPO / "trainers" / "pretrain.py"), "--config", str(path)]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return cmd, {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+
+
+def run_pretrain(tmp_path, data, name, launch="cpu", env=None, **overrides):
+    """The pretraining run in a subprocess, to its end."""
+    cmd, full_env = pretrain_command(tmp_path, data, name, launch, env, **overrides)
     return subprocess.run(cmd, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=600)
+
+
+def logged_steps(run_dir) -> set[int]:
+    path = Path(run_dir) / "metrics.jsonl"
+    steps = set()
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a row being written
+            continue
+        if "loss" in row:
+            steps.add(row["step"])
+    return steps
+
+
+def kill_after_step(tmp_path, data, name, step, launch="cpu", attempts=3, timeout=600, **overrides) -> int:
+    """Start the run and SIGKILL its whole process group (launcher and every rank) from outside once
+    metrics.jsonl has logged `step`; returns the launcher's exit status. A run that ends before the kill
+    lands is deleted and started again, at most `attempts` times."""
+    for _ in range(attempts):
+        shutil.rmtree(tmp_path / name, ignore_errors=True)
+        cmd, env = pretrain_command(tmp_path, data, name, launch, **overrides)
+        log = tmp_path / f"{name}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while proc.poll() is None and step not in logged_steps(tmp_path / name):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"step {step} not logged within {timeout} s:\n{log.read_text()[-3000:]}")
+                time.sleep(0.05)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                return proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=60)
+        assert proc.returncode == 0, log.read_text()[-3000:]  # it failed on its own
+    pytest.fail(f"the run ended before the kill after step {step}, {attempts} times")
 
 
 def losses(run_dir):
@@ -103,8 +151,7 @@ def test_param_groups_exclude_norms_biases_embeddings_ssm():
 
 
 def test_resume_after_sigkill_reaches_the_same_loss(tmp_path, tiny_data, reference_run):
-    killed = run_pretrain(tmp_path, tiny_data, "killed", env={"HYBRID_MAMBA_KILL_AT_STEP": "6"})
-    assert killed.returncode != 0 and "SIGKILL" in killed.stderr  # accelerate reports its child's signal
+    assert kill_after_step(tmp_path, tiny_data, "killed", 6) == -signal.SIGKILL
     ckpts = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
     assert ckpts == ["step_00000004"]
     resumed = run_pretrain(tmp_path, tiny_data, "killed")
@@ -149,8 +196,8 @@ def test_fsdp_shards_parameters_and_matches_one_process(fsdp_run, reference_run)
 
 
 def test_fsdp_resume_from_sharded_checkpoint(tmp_path, tiny_data, fsdp_run):
-    killed = run_pretrain(tmp_path, tiny_data, "fsdp", launch="fsdp_cpu", micro_batch_size=2, env={"HYBRID_MAMBA_KILL_AT_STEP": "6"})
-    assert killed.returncode != 0
+    assert kill_after_step(tmp_path, tiny_data, "fsdp", 6, launch="fsdp_cpu", micro_batch_size=2) == -signal.SIGKILL
+    assert sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints").iterdir()) == ["step_00000004"]
     resumed = run_pretrain(tmp_path, tiny_data, "fsdp", launch="fsdp_cpu", micro_batch_size=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert losses(tmp_path / "fsdp")[0][8] == pytest.approx(losses(fsdp_run)[0][8], abs=1e-6)
@@ -242,3 +289,19 @@ def test_resume_when_no_checkpoint_verifies_names_them(tmp_path, tiny_data):
     with pytest.raises(CheckpointError, match=r"step_00000004 \(no checkpoint.json record.*--resume false"):
         train(args, make_accelerator(args), _model(tok), train_ds, val_ds, collate_packed, tok)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # failed before any training
+
+
+def test_summary_json_has_one_writer_and_takes_the_callers_keys(tmp_path, tiny_data):
+    args = _in_process_args(tmp_path, tiny_data, max_steps=2, eval_every=2, eval_batches=1)
+    train_ds, val_ds, tok = load_packed(args.data_dir)
+    run = tmp_path / "run"
+
+    def extras(summary):
+        assert (run / "final" / "model.safetensors").exists() and not (run / "summary.json").exists()
+        return {"unigram_baseline_val_loss": 1.0}
+
+    summary = train(args, make_accelerator(args), _model(tok), train_ds, val_ds, collate_packed, tok, summary_extras=extras)
+    written = json.loads((run / "summary.json").read_text())
+    assert written == summary and list(written)[-1] == "unigram_baseline_val_loss"
+    assert written["steps"] == 2 and written["best_step"] == 2
+    assert not list(run.glob("*.tmp"))

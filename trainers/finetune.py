@@ -219,16 +219,18 @@ def main(argv=None) -> dict:
                     len(train_ds), len(val_ds), len(info["malformed_records"]))
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(accelerator.device)
-    summary = train(args, accelerator, model, train_ds, val_ds, collate_fn, tokenizer, eval_fn)
-    if accelerator.device.type == "cuda":  # the QLoRA memory figure the issue asks for, per process
-        finetune["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
-    summary["finetune"] = finetune
+
+    def finetune_summary(summary: dict) -> dict:
+        if accelerator.device.type == "cuda":  # the QLoRA memory figure the issue asks for, per process
+            finetune["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+        return {"finetune": finetune}
+
+    summary = train(args, accelerator, model, train_ds, val_ds, collate_fn, tokenizer, eval_fn, summary_extras=finetune_summary)
     if accelerator.is_main_process:
         out = Path(args.output_dir)
         for folder in (out / "best", out / "final"):
             if folder.is_dir():
                 (folder / "finetune_config.json").write_text(json.dumps(public(finetune), indent=2) + "\n")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         shown = {k: round(v, 4) for k, v in summary["final_eval"].items() if isinstance(v, float)}
         print(f"{args.task} / {args.adapter}: final {shown}; best val_loss {summary['best_val_loss']:.4f} at step "
               f"{summary['best_step']}; {trainable:,} trainable parameters; {out / 'final'}")

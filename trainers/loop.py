@@ -4,7 +4,8 @@ One process or many (`accelerate launch`): data is sharded across processes with
 optimizer is AdamW with parameter groups, the schedule cosine with warmup; evaluation every N
 steps keeps the best model; checkpoints every N steps carry a record of their files (sizes, hashes),
 and a run resumes from the newest one that verifies against it, with the same data order, RNG and schedule, so a killed run reaches the same
-loss at step N as an uninterrupted one. Writes RUN/metrics.jsonl, RUN/summary.json, RUN/final/.
+loss at step N as an uninterrupted one. Writes RUN/metrics.jsonl, RUN/final/ and RUN/summary.json
+(its only writer: callers add their keys through `summary_extras`).
 
 Fine-tuning hooks (trainers/finetune.py): `eval_fn` replaces the token-loss evaluation (e.g. with
 classification metrics); a peft model is saved as its adapter alone in best/ and final/ (peft's
@@ -17,7 +18,6 @@ import logging
 import math
 import os
 import platform
-import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -191,74 +191,86 @@ class MetricsLog:
         self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
 
-def train(args: TrainArgs, accelerator: Accelerator, model, train_ds, val_ds, collate_fn, tokenizer=None, eval_fn=None) -> dict:
-    """Train `model` on `train_ds`; returns the summary (also written to RUN/summary.json).
+class Trainer:
+    """One run: `__init__` builds (optimizer, schedule, loaders, resume, trackers, MFU probe), `fit`
+    runs `train_step`, `log`, `evaluate` and the checkpoint manager's `save` until `max_steps`, and
+    `finish` saves final/ and writes summary.json.
 
-    `eval_fn(model, val_loader, accelerator, max_batches) -> dict` is called at every evaluation; its
-    dict is written to metrics.jsonl and must hold `val_loss`, which picks best/. Default: `evaluate_lm`.
+    The order of work in `__init__` is part of the numerics: the RNG is seeded first, restored by a
+    resume, then advanced by the CPU MFU probe, identically in a fresh and a resumed run.
     """
-    eval_fn = eval_fn or evaluate_lm
-    out = Path(args.output_dir)
-    set_seed(args.seed)
-    global_batch = args.micro_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    seq_len = int(train_ds[0]["input_ids"].shape[-1])
-    max_steps = args.max_steps
-    if args.max_tokens:
-        max_steps = math.ceil(args.max_tokens / (global_batch * seq_len))
-    if len(train_ds) < args.micro_batch_size * accelerator.num_processes:
-        raise ValueError(f"train split has {len(train_ds)} blocks, fewer than one global micro-batch.")
 
-    if args.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(
-        param_groups(model, args.weight_decay),
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        eps=args.adam_epsilon,
-    )
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, args.warmup_steps, max_steps, min_lr_rate=args.min_lr_ratio
-    )
-    sampler = EpochSampler(len(train_ds), args.seed)
-    train_loader = DataLoader(
-        train_ds, batch_size=args.micro_batch_size, sampler=sampler, collate_fn=collate_fn,
-        drop_last=True, num_workers=args.num_workers,
-    )
-    val_loader = DataLoader(val_ds, batch_size=args.micro_batch_size, collate_fn=collate_fn, num_workers=args.num_workers)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    state = TrainState()
-    accelerator.register_for_checkpointing(scheduler, state)
-    batches_per_epoch = len(train_loader)
-    if batches_per_epoch < args.gradient_accumulation_steps:
-        raise ValueError("an epoch has fewer micro-batches than gradient_accumulation_steps.")
+    def __init__(self, args: TrainArgs, accelerator: Accelerator, model, train_ds, val_ds, collate_fn, tokenizer=None, eval_fn=None):
+        self.args, self.accelerator, self.tokenizer = args, accelerator, tokenizer
+        self.eval_fn = eval_fn or evaluate_lm
+        self.out = Path(args.output_dir)
+        set_seed(args.seed)
+        self.global_batch = args.micro_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+        self.seq_len = int(train_ds[0]["input_ids"].shape[-1])
+        self.max_steps = args.max_steps
+        if args.max_tokens:
+            self.max_steps = math.ceil(args.max_tokens / (self.global_batch * self.seq_len))
+        if len(train_ds) < args.micro_batch_size * accelerator.num_processes:
+            raise ValueError(f"train split has {len(train_ds)} blocks, fewer than one global micro-batch.")
+        self._build(model, train_ds, val_ds, collate_fn)
+        self.ckpt = CheckpointManager(self.out / "checkpoints", args.keep_checkpoints, main_process=accelerator.is_main_process)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", accelerator)
+        self._resume()
+        if accelerator.is_main_process:
+            accelerator.init_trackers("hybrid-mamba", config={k: str(v) if isinstance(v, (list, dict)) else v for k, v in vars(args).items()})
+        self.params_local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in self.model.parameters())
+        self.params_total = sum(p.numel() for p in self.model.parameters())  # a DTensor's numel is the global one
+        self.peak, self.peak_source = peak_flops_per_process(args, accelerator)
+        self.flops_per_token = flops_per_token(accelerator.unwrap_model(self.model), self.seq_len)
 
-    ckpt = CheckpointManager(out / "checkpoints", args.keep_checkpoints, main_process=accelerator.is_main_process)
-    metrics = MetricsLog(out / "metrics.jsonl", accelerator)
-    # the newest checkpoint that verifies (every rank reads the same files, so all pick the same one);
-    # CheckpointError when step_* folders exist and none verifies
-    if args.resume and (latest := ckpt.latest()) is not None:
-        unwrapped = accelerator.unwrap_model(model)
-        quantized = getattr(unwrapped, "is_loaded_in_4bit", False) or getattr(unwrapped, "is_loaded_in_8bit", False)
-        # bitsandbytes saves its quantization state beside each k-bit weight, and load_state_dict does
-        # not take it back: not strict for those models (their frozen base is rebuilt from base_model).
-        accelerator.load_state(str(latest), **({"strict": False} if quantized else {}))
-        logger.info("resumed from %s at step %d", latest, state.step)
-        metrics.truncate_after(state.step)
-    elif accelerator.is_main_process and metrics.path.exists():
-        metrics.path.unlink()
-    if accelerator.is_main_process:
-        accelerator.init_trackers("hybrid-mamba", config={k: str(v) if isinstance(v, (list, dict)) else v for k, v in vars(args).items()})
+    def _build(self, model, train_ds, val_ds, collate_fn) -> None:
+        args, accelerator = self.args, self.accelerator
+        if args.gradient_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        optimizer = torch.optim.AdamW(
+            param_groups(model, args.weight_decay),
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+        )
+        self.scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, args.warmup_steps, self.max_steps, min_lr_rate=args.min_lr_ratio
+        )
+        self.sampler = EpochSampler(len(train_ds), args.seed)
+        train_loader = DataLoader(
+            train_ds, batch_size=args.micro_batch_size, sampler=self.sampler, collate_fn=collate_fn,
+            drop_last=True, num_workers=args.num_workers,
+        )
+        val_loader = DataLoader(val_ds, batch_size=args.micro_batch_size, collate_fn=collate_fn, num_workers=args.num_workers)
+        self.model, self.optimizer, self.train_loader, self.val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+        self.state = TrainState()
+        accelerator.register_for_checkpointing(self.scheduler, self.state)
+        if len(self.train_loader) < args.gradient_accumulation_steps:
+            raise ValueError("an epoch has fewer micro-batches than gradient_accumulation_steps.")
 
-    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
-    total = sum(p.numel() for p in model.parameters())  # a DTensor's numel is the global one
-    peak, peak_source = peak_flops_per_process(args, accelerator)
-    fpt = flops_per_token(accelerator.unwrap_model(model), seq_len)
-    kill_at = int(os.environ.get("HYBRID_MAMBA_KILL_AT_STEP", "0"))  # fault injection for the resume test
+    def _resume(self) -> None:
+        """Load the newest checkpoint that verifies (every rank reads the same files, so all pick the same
+        one; CheckpointError when step_* folders exist and none verifies), or start a fresh metrics log."""
+        accelerator = self.accelerator
+        if self.args.resume and (latest := self.ckpt.latest()) is not None:
+            unwrapped = accelerator.unwrap_model(self.model)
+            quantized = getattr(unwrapped, "is_loaded_in_4bit", False) or getattr(unwrapped, "is_loaded_in_8bit", False)
+            # bitsandbytes saves its quantization state beside each k-bit weight, and load_state_dict does
+            # not take it back: not strict for those models (their frozen base is rebuilt from base_model).
+            accelerator.load_state(str(latest), **({"strict": False} if quantized else {}))
+            logger.info("resumed from %s at step %d", latest, self.state.step)
+            self.metrics.truncate_after(self.state.step)
+        elif accelerator.is_main_process and self.metrics.path.exists():
+            self.metrics.path.unlink()
 
-    def batches():
+    def _batches(self):
+        """Micro-batches forever, epoch after epoch, continuing a resumed epoch where its checkpoint left it."""
+        state, accelerator = self.state, self.accelerator
         while True:
-            sampler.set_epoch(state.epoch)
-            loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch) if state.batches_in_epoch else train_loader
+            self.sampler.set_epoch(state.epoch)
+            loader = self.train_loader
+            if state.batches_in_epoch:
+                loader = accelerator.skip_first_batches(self.train_loader, state.batches_in_epoch)
             # accelerate's loaders reset their sampler's epoch from their own iteration counter when
             # iterated (0 for a fresh loader): without this, a resumed run replays epoch 0's order
             if hasattr(loader, "set_epoch"):
@@ -268,108 +280,155 @@ def train(args: TrainArgs, accelerator: Accelerator, model, train_ds, val_ds, co
                 yield batch
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
 
-    stream = batches()
-    model.train()
-    start_wall = time.perf_counter()
-    bar = tqdm(total=max_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train", dynamic_ncols=True)
-    window = {"tokens": 0, "time": 0.0, "wait": 0.0, "steps": 0}
-    last_eval = None  # (step, eval_fn result)
-    while state.step < max_steps:
+    def fit(self) -> None:
+        """Train until `max_steps`: one optimizer step, then its log row, evaluation and checkpoint as due."""
+        args, state = self.args, self.state
+        self.stream = self._batches()
+        self.model.train()
+        self.start_wall = time.perf_counter()
+        bar = tqdm(total=self.max_steps, initial=state.step, disable=not self.accelerator.is_main_process, desc="train", dynamic_ncols=True)
+        self.window = {"tokens": 0, "time": 0.0, "wait": 0.0, "steps": 0}
+        self.last_eval = None  # (step, eval_fn result)
+        while state.step < self.max_steps:
+            loss, grad_norm = self.train_step()
+            bar.update(1)
+            last = state.step == self.max_steps
+            if state.step % args.log_every == 0 or last:
+                row = self.log(loss, grad_norm)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if state.step % args.eval_every == 0 or last:
+                self.evaluate()
+            if state.step % args.checkpoint_every == 0 and not last:
+                self.ckpt.save(self.accelerator, state.step)
+        bar.close()
+
+    def train_step(self) -> tuple[float, torch.Tensor | None]:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches; (mean loss, grad norm).
+        A non-finite loss raises before the update, naming the last good checkpoint."""
+        accelerator, state = self.accelerator, self.state
         t0 = time.perf_counter()
         wait = 0.0
         losses = []
         real_tokens = []  # padded batches only
-        for _ in range(args.gradient_accumulation_steps):
+        for _ in range(self.args.gradient_accumulation_steps):
             tw = time.perf_counter()
-            batch = next(stream)
+            batch = next(self.stream)
             wait += time.perf_counter() - tw
             if "attention_mask" in batch:
                 real_tokens.append(batch["attention_mask"].sum())
-            with accelerator.accumulate(model):
-                loss = model(**batch, use_cache=False).loss
+            with accelerator.accumulate(self.model):
+                loss = self.model(**batch, use_cache=False).loss
                 accelerator.backward(loss)
                 losses.append(loss.detach())
         loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
         if not math.isfinite(loss):
-            optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(
                 f"Loss became {loss} at step {state.step + 1}; stopping without an update. The last good checkpoint is "
-                f"{ckpt.last_good() or '(none)'}: lower the learning rate or check the data, then rerun to resume from it."
+                f"{self.ckpt.last_good() or '(none)'}: lower the learning rate or check the data, then rerun to resume from it."
             )
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm) if args.max_grad_norm else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        max_norm = self.args.max_grad_norm
+        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm) if max_norm else None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        step_tokens = global_batch * seq_len
+        step_tokens = self.global_batch * self.seq_len
         if real_tokens:
             step_tokens = int(accelerator.reduce(torch.stack(real_tokens).sum(), reduction="sum").item())
         state.tokens_seen += step_tokens
-        dt = time.perf_counter() - t0
-        window["tokens"] += step_tokens
-        window["time"] += dt
-        window["wait"] += wait
-        window["steps"] += 1
-        bar.update(1)
+        self.window["tokens"] += step_tokens
+        self.window["time"] += time.perf_counter() - t0
+        self.window["wait"] += wait
+        self.window["steps"] += 1
+        return loss, grad_norm
 
-        if state.step % args.log_every == 0 or state.step == max_steps:
-            tps = window["tokens"] / window["time"]
-            row = {
-                "step": state.step,
-                "loss": loss,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "tokens": state.tokens_seen,
-                "tokens_per_s": tps,
-                "data_wait_frac": window["wait"] / window["time"],
-                "mfu": fpt * tps / (peak * accelerator.num_processes),
-            }
-            metrics.write(row)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{tps:.0f}")
-            window = {"tokens": 0, "time": 0.0, "wait": 0.0, "steps": 0}
+    def log(self, loss: float, grad_norm) -> dict:
+        """Write one metrics row with the throughput of the steps since the last row; returns it."""
+        window = self.window
+        tps = window["tokens"] / window["time"]
+        row = {
+            "step": self.state.step,
+            "loss": loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens": self.state.tokens_seen,
+            "tokens_per_s": tps,
+            "data_wait_frac": window["wait"] / window["time"],
+            "mfu": self.flops_per_token * tps / (self.peak * self.accelerator.num_processes),
+        }
+        self.metrics.write(row)
+        self.window = {"tokens": 0, "time": 0.0, "wait": 0.0, "steps": 0}
+        return row
 
-        if state.step % args.eval_every == 0 or state.step == max_steps:
-            result = eval_fn(model, val_loader, accelerator, args.eval_batches)
-            last_eval = (state.step, result)
-            metrics.write({"step": state.step, **result})
-            val = result["val_loss"]
-            if val < state.best_val_loss:
-                state.best_val_loss, state.best_step = val, state.step
-                _save_model(accelerator, model, tokenizer, out / "best")
-        if state.step % args.checkpoint_every == 0 and state.step < max_steps:
-            ckpt.save(accelerator, state.step)
-        if kill_at and state.step == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-    bar.close()
+    def evaluate(self) -> dict:
+        """Run `eval_fn`, log its result, and save best/ when its val_loss is the lowest so far."""
+        state = self.state
+        result = self.eval_fn(self.model, self.val_loader, self.accelerator, self.args.eval_batches)
+        self.last_eval = (state.step, result)
+        self.metrics.write({"step": state.step, **result})
+        if result["val_loss"] < state.best_val_loss:
+            state.best_val_loss, state.best_step = result["val_loss"], state.step
+            _save_model(self.accelerator, self.model, self.tokenizer, self.out / "best")
+        return result
 
-    final_eval = last_eval[1] if last_eval and last_eval[0] == state.step else eval_fn(model, val_loader, accelerator, args.eval_batches)
-    _save_model(accelerator, model, tokenizer, out / "final")
-    summary = {
-        "steps": state.step,
-        "tokens_seen": state.tokens_seen,
-        "global_batch_sequences": global_batch,
-        "seq_len": seq_len,
-        "wall_time_s": time.perf_counter() - start_wall,
-        "final_val_loss": final_eval["val_loss"],
-        "final_eval": final_eval,
-        "best_val_loss": state.best_val_loss,
-        "best_step": state.best_step,
-        "hardware": {
+    def finish(self, summary_extras=None) -> dict:
+        """Save final/, build the summary, add `summary_extras(summary)`'s keys, write RUN/summary.json
+        (main process, atomically) and end the trackers; returns the summary."""
+        accelerator, state = self.accelerator, self.state
+        if self.last_eval and self.last_eval[0] == state.step:
+            final_eval = self.last_eval[1]
+        else:
+            final_eval = self.eval_fn(self.model, self.val_loader, accelerator, self.args.eval_batches)
+        _save_model(accelerator, self.model, self.tokenizer, self.out / "final")
+        summary = {
+            "steps": state.step,
+            "tokens_seen": state.tokens_seen,
+            "global_batch_sequences": self.global_batch,
+            "seq_len": self.seq_len,
+            "wall_time_s": time.perf_counter() - self.start_wall,
+            "final_val_loss": final_eval["val_loss"],
+            "final_eval": final_eval,
+            "best_val_loss": state.best_val_loss,
+            "best_step": state.best_step,
+            "hardware": self._hardware(),
+        }
+        if summary_extras is not None:
+            summary.update(summary_extras(summary))
+        if accelerator.is_main_process:
+            tmp = self.out / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+            os.replace(tmp, self.out / "summary.json")
+        accelerator.end_training()
+        return summary
+
+    def _hardware(self) -> dict:
+        accelerator = self.accelerator
+        return {
             "device": torch.cuda.get_device_name() if accelerator.device.type == "cuda" else platform.processor() or platform.machine(),
             "processes": accelerator.num_processes,
             "distributed_type": str(accelerator.distributed_type),
             "mixed_precision": accelerator.mixed_precision,
             "threads_per_process": torch.get_num_threads(),
-            "peak_flops_per_process": peak,
-            "peak_flops_source": peak_source,
-            "parameters_per_process": local,
-            "parameters_total": total,
-        },
-    }
-    if accelerator.is_main_process:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    accelerator.end_training()
-    return summary
+            "peak_flops_per_process": self.peak,
+            "peak_flops_source": self.peak_source,
+            "parameters_per_process": self.params_local,
+            "parameters_total": self.params_total,
+        }
+
+
+def train(args: TrainArgs, accelerator: Accelerator, model, train_ds, val_ds, collate_fn, tokenizer=None, eval_fn=None,
+          summary_extras=None) -> dict:
+    """Train `model` on `train_ds`; returns the summary, also written to RUN/summary.json.
+
+    `eval_fn(model, val_loader, accelerator, max_batches) -> dict` is called at every evaluation; its
+    dict is written to metrics.jsonl and must hold `val_loss`, which picks best/. Default: `evaluate_lm`.
+    `summary_extras(summary) -> dict` is called on every process after final/ is saved; its keys are
+    added to the summary before summary.json is written (the file's only writer is this function).
+    """
+    trainer = Trainer(args, accelerator, model, train_ds, val_ds, collate_fn, tokenizer, eval_fn)
+    trainer.fit()
+    return trainer.finish(summary_extras)
 
 
 def _save_model(accelerator, model, tokenizer, folder: Path) -> None:

@@ -9,7 +9,6 @@ and tokenizer), metrics.jsonl and summary.json. Prints the validation loss again
 baseline and a sample generation at the end.
 """
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -56,17 +55,21 @@ def main(argv=None) -> dict:
     if accelerator.is_main_process:
         n = sum(p.numel() for p in model.parameters())
         logger.info("model: %s preset, %.2fM parameters, layers %s", args.model_preset, n / 1e6, model.config.layer_types)
-    summary = train(args, accelerator, model, train_ds, val_ds, collate_packed, tokenizer)
+    out = Path(args.output_dir)
 
-    if accelerator.is_main_process:
-        out = Path(args.output_dir)
-        summary["unigram_baseline_val_loss"] = unigram_baseline(train_ds, val_ds, len(tokenizer))
+    def baseline_and_sample(summary: dict) -> dict:
+        """The unigram baseline and a sample from final/, for summary.json (main process only)."""
+        if not accelerator.is_main_process:
+            return {}
+        baseline = unigram_baseline(train_ds, val_ds, len(tokenizer))
         final = HybridMambaForCausalLM.from_pretrained(out / "final").eval()
         prompt = tokenizer(args.sample_prompt, return_tensors="pt")
         torch.manual_seed(args.seed)
         generated = final.generate(**prompt, max_new_tokens=args.sample_tokens, do_sample=True, top_k=40, temperature=0.8)
-        summary["sample"] = tokenizer.decode(generated[0], skip_special_tokens=True)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return {"unigram_baseline_val_loss": baseline, "sample": tokenizer.decode(generated[0], skip_special_tokens=True)}
+
+    summary = train(args, accelerator, model, train_ds, val_ds, collate_packed, tokenizer, summary_extras=baseline_and_sample)
+    if accelerator.is_main_process:
         print(f"validation loss {summary['final_val_loss']:.3f} (best {summary['best_val_loss']:.3f} at step "
               f"{summary['best_step']}); unigram baseline {summary['unigram_baseline_val_loss']:.3f} nats/token")
         print(f"{summary['tokens_seen']:,} tokens in {summary['wall_time_s']:.0f} s; model in {out / 'final'}")
