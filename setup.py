@@ -25,6 +25,7 @@ install_requires = [
     "lm-eval>=0.4.10",
     "safetensors>=0.4",
     "huggingface_hub>=1.0",
+    "jinja2",  # hub_cards: the model card template (ModelCard.from_template)
     "tokenizers>=0.21",
     "pyyaml>=6",
     "numpy",
@@ -54,7 +55,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["configuration*", "modeling*", "trainers*", "data_scripts*", "eval_harness*", "hub_cards*"]),
-    package_data={"configuration": ["presets.yaml"], "data_scripts": ["recipes/*.yaml"], "trainers": ["configs/*.yaml", "accelerate/*.yaml", "demo_data/*.jsonl", "demo_data/*.tsv"]},
+    package_data={"configuration": ["presets.yaml"], "data_scripts": ["recipes/*.yaml"], "trainers": ["configs/*.yaml", "accelerate/*.yaml", "demo_data/*.jsonl", "demo_data/*.tsv"], "hub_cards": ["templates/*.md"]},
     install_requires=install_requires,
     extras_require=extras_require,
 )

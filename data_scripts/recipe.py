@@ -185,7 +185,7 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-# --- parsing -------------------------------------------------------------------------------------
+# parsing
 
 
 def _type_name(tp) -> str:
@@ -408,7 +408,7 @@ def _check_languages(lang: LanguageConfig, where: str) -> None:
         raise RecipeError(f"{where}.max_chars: must be at least 100")
 
 
-# --- files ---------------------------------------------------------------------------------------
+# files
 
 _GLOB_CHARS = set("*?[")
 

@@ -49,19 +49,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from transformers import (
-    BambaConfig,
-    BambaForCausalLM,
-    HfArgumentParser,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Mamba2Config,
-    Mamba2ForCausalLM,
-)
+from transformers import BambaForCausalLM, HfArgumentParser, LlamaConfig, LlamaForCausalLM, Mamba2ForCausalLM
 
 from configuration import HybridMambaConfig
 from eval_harness.files import write_atomic
 from modeling import HybridMambaForCausalLM
+from modeling.convert import to_bamba_config, to_llama_config, to_mamba2_config
 
 logger = logging.getLogger(__name__)
 
@@ -153,63 +146,20 @@ class BenchArgs:
     seed: int = field(default=0, metadata={"help": "Seed of the weights and of the random token ids."})
 
 
-# ----------------------------------------------------------------------------------------------
 # Models
-# ----------------------------------------------------------------------------------------------
 
 
 def matched_configs(ours: HybridMambaConfig, baselines: tuple[str, ...] = DEFAULT_BASELINES) -> dict:
-    """Configs of ours and each baseline with the sizes of `ours` (see MODEL_CLASSES)."""
+    """Configs of ours and each baseline with the sizes of `ours` (see MODEL_CLASSES).
+
+    The field mapping lives in modeling.convert. Bamba keeps its default RoPE (partial_rotary_factor 0.5)
+    and Mamba2 its default biases and dt range, as this benchmark has always measured them.
+    """
     choices = set(ALL_CLASSES) - {"ours"}
     if set(baselines) - choices:
         raise ValueError(f"unknown baselines {sorted(set(baselines) - choices)}: choose from {sorted(choices)}")
-    n = ours.num_hidden_layers
-    if "bamba" in baselines and any(ours.mixer_type(i) == "mamba1" for i in range(n)):
-        raise ValueError("Bamba has only Mamba-2 and attention layers: benchmark a config without Mamba-1 layers.")
-    common = dict(
-        vocab_size=ours.vocab_size,
-        hidden_size=ours.hidden_size,
-        intermediate_size=ours.intermediate_size,
-        num_hidden_layers=n,
-        num_attention_heads=ours.num_attention_heads,
-        num_key_value_heads=ours.num_key_value_heads,
-        rms_norm_eps=ours.rms_norm_eps,
-        max_position_embeddings=ours.max_position_embeddings,
-        tie_word_embeddings=ours.tie_word_embeddings,
-    )
-    bamba = BambaConfig(
-        **common,
-        attn_layer_indices=[i for i in range(n) if ours.layer_types[i] == "attention"],
-        mamba_n_heads=ours.mamba_n_heads,
-        mamba_d_head=ours.mamba_head_dim,
-        mamba_n_groups=ours.mamba_n_groups,
-        mamba_d_state=ours.mamba_d_state,
-        mamba_d_conv=ours.mamba_d_conv,
-        mamba_expand=ours.mamba_expand,
-        mamba_chunk_size=ours.mamba_chunk_size,
-        mamba_conv_bias=ours.mamba_conv_bias,
-        mamba_proj_bias=ours.mamba_proj_bias,
-        time_step_limit=ours.mamba_dt_limit,
-    )
-    # Mamba2ForCausalLM: every layer a Mamba-2 mixer with our head count, head size, state and groups;
-    # it has no MLP, so only hidden size, depth and vocabulary match.
-    mamba2 = Mamba2Config(
-        vocab_size=ours.vocab_size,
-        hidden_size=ours.hidden_size,
-        num_hidden_layers=n,
-        num_heads=ours.mamba_n_heads,
-        head_dim=ours.mamba_head_dim,
-        state_size=ours.mamba_d_state,
-        n_groups=ours.mamba_n_groups,
-        expand=ours.mamba_expand,
-        conv_kernel=ours.mamba_d_conv,
-        chunk_size=ours.mamba_chunk_size,
-        layer_norm_epsilon=ours.rms_norm_eps,
-        tie_word_embeddings=ours.tie_word_embeddings,
-    )
-    configs = {"ours": ours, "bamba": bamba, "llama": equal_size_llama(ours, common), "llama_shape": LlamaConfig(**common),
-               "mamba2": mamba2}
-    return {name: configs[name] for name in ("ours", *baselines)}
+    build = {"bamba": to_bamba_config, "llama": equal_size_llama, "llama_shape": to_llama_config, "mamba2": to_mamba2_config}
+    return {"ours": ours, **{name: build[name](ours) for name in baselines}}
 
 
 def count_parameters(model_class, config) -> int:
@@ -218,13 +168,13 @@ def count_parameters(model_class, config) -> int:
         return sum(p.numel() for p in model_class(config).parameters())
 
 
-def equal_size_llama(ours: HybridMambaConfig, common: dict) -> LlamaConfig:
+def equal_size_llama(ours: HybridMambaConfig) -> LlamaConfig:
     """A Llama with ours' hidden size, depth, heads and vocabulary, its MLP width set so the parameter
     count matches ours (to within one MLP column per layer)."""
-    shape = LlamaConfig(**common)
-    per_column = 3 * common["hidden_size"] * common["num_hidden_layers"]  # gate, up, down: one column each
+    shape = to_llama_config(ours)
+    per_column = 3 * shape.hidden_size * shape.num_hidden_layers  # gate, up, down: one column each
     gap = count_parameters(HybridMambaForCausalLM, ours) - count_parameters(LlamaForCausalLM, shape)
-    return LlamaConfig(**{**common, "intermediate_size": max(1, common["intermediate_size"] + round(gap / per_column))})
+    return to_llama_config(ours, intermediate_size=max(1, shape.intermediate_size + round(gap / per_column)))
 
 
 def build_model(name: str, config, seed: int, device: str = "cpu"):
@@ -243,9 +193,7 @@ def train_step(model, optimizer, batch):
     optimizer.step()
 
 
-# ----------------------------------------------------------------------------------------------
 # Measurements
-# ----------------------------------------------------------------------------------------------
 
 
 def _timed(fn, device: torch.device | None = None) -> float:
@@ -459,9 +407,7 @@ def measure_training_memory(configs: dict, plan: Plan, threads: int, seed: int) 
     return results
 
 
-# ----------------------------------------------------------------------------------------------
 # Report
-# ----------------------------------------------------------------------------------------------
 
 
 def machine_info(threads: int) -> dict:

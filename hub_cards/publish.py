@@ -83,7 +83,7 @@ def is_remote_git(target: str) -> bool:
     return "://" in target or re.match(r"^[\w.-]+@[\w.-]+:", target) is not None
 
 
-# ---- checks before any work -------------------------------------------------------------------------
+# checks before any work
 
 
 def check_args(args: PublishArgs) -> dict:
@@ -142,7 +142,7 @@ def check_hub_reachable(repo_id: str):
     return api
 
 
-# ---- staging ----------------------------------------------------------------------------------------
+# staging
 
 
 def _card_inputs(args: PublishArgs, paths: dict, stage: Path, repo_name: str) -> CardInputs:
@@ -209,7 +209,7 @@ def stage_repo(args: PublishArgs, paths: dict, stage: Path, repo_name: str) -> N
     (stage / ".gitattributes").write_text("".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in HUB_LFS_PATTERNS))
 
 
-# ---- targets ----------------------------------------------------------------------------------------
+# targets
 
 
 def _git(*args, cwd: Path) -> str:

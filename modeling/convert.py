@@ -16,7 +16,16 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM, Mamba2ForCausalLM, MambaForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    BambaConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Mamba2Config,
+    Mamba2ForCausalLM,
+    MambaForCausalLM,
+)
 
 from configuration.configuration_hybrid_mamba import HybridMambaConfig
 from modeling.modeling_hybrid_mamba import HybridMambaForCausalLM
@@ -136,6 +145,77 @@ CONFIG_CONVERTERS = {
     "mamba": (mamba_config, MAMBA_RENAMES),
     "mamba2": (mamba2_config, MAMBA_RENAMES),
 }
+
+
+# The other direction, ours -> transformers configs: the matched baselines of eval_harness.bench_speed.
+
+
+def _llama_shape_kwargs(ours: HybridMambaConfig) -> dict:
+    # The fields Llama and Bamba share with ours, under the same names.
+    return dict(
+        vocab_size=ours.vocab_size,
+        hidden_size=ours.hidden_size,
+        intermediate_size=ours.intermediate_size,
+        num_hidden_layers=ours.num_hidden_layers,
+        num_attention_heads=ours.num_attention_heads,
+        num_key_value_heads=ours.num_key_value_heads,
+        rms_norm_eps=ours.rms_norm_eps,
+        max_position_embeddings=ours.max_position_embeddings,
+        tie_word_embeddings=ours.tie_word_embeddings,
+    )
+
+
+def to_llama_config(ours: HybridMambaConfig, **overrides) -> LlamaConfig:
+    """A Llama of ours' shape (hidden size, MLP width, depth, heads, vocabulary); `overrides` replace fields."""
+    return LlamaConfig(**{**_llama_shape_kwargs(ours), **overrides})
+
+
+def to_bamba_config(ours: HybridMambaConfig) -> BambaConfig:
+    """transformers' Bamba with ours' layer layout and sizes.
+
+    Only the sizes are mapped: RoPE settings keep Bamba's defaults (partial_rotary_factor 0.5, rotating half of
+    each head where ours rotates all of it), which the speed benchmark has always measured; the parameter count
+    is unaffected.
+    """
+    n = ours.num_hidden_layers
+    if any(ours.mixer_type(i) == "mamba1" for i in range(n)):
+        raise ValueError("Bamba has only Mamba-2 and attention layers: benchmark a config without Mamba-1 layers.")
+    return BambaConfig(
+        **_llama_shape_kwargs(ours),
+        attn_layer_indices=[i for i in range(n) if ours.layer_types[i] == "attention"],
+        mamba_n_heads=ours.mamba_n_heads,
+        mamba_d_head=ours.mamba_head_dim,
+        mamba_n_groups=ours.mamba_n_groups,
+        mamba_d_state=ours.mamba_d_state,
+        mamba_d_conv=ours.mamba_d_conv,
+        mamba_expand=ours.mamba_expand,
+        mamba_chunk_size=ours.mamba_chunk_size,
+        mamba_conv_bias=ours.mamba_conv_bias,
+        mamba_proj_bias=ours.mamba_proj_bias,
+        time_step_limit=ours.mamba_dt_limit,
+    )
+
+
+def to_mamba2_config(ours: HybridMambaConfig) -> Mamba2Config:
+    """Mamba2ForCausalLM with ours' Mamba-2 head count, head size, state and groups in every layer.
+
+    It has no MLP and no attention, so only hidden size, depth and vocabulary match the whole model; the other
+    fields (biases, dt range) keep Mamba2Config's defaults, as the speed benchmark has always measured.
+    """
+    return Mamba2Config(
+        vocab_size=ours.vocab_size,
+        hidden_size=ours.hidden_size,
+        num_hidden_layers=ours.num_hidden_layers,
+        num_heads=ours.mamba_n_heads,
+        head_dim=ours.mamba_head_dim,
+        state_size=ours.mamba_d_state,
+        n_groups=ours.mamba_n_groups,
+        expand=ours.mamba_expand,
+        conv_kernel=ours.mamba_d_conv,
+        chunk_size=ours.mamba_chunk_size,
+        layer_norm_epsilon=ours.rms_norm_eps,
+        tie_word_embeddings=ours.tie_word_embeddings,
+    )
 
 
 def _check_mamba2_in_proj(state_dict: dict, cfg: HybridMambaConfig):

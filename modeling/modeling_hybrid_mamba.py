@@ -32,9 +32,7 @@ from packaging.version import Version
 from torch import nn
 from transformers.utils import logging
 
-# ----------------------------------------------------------------------------------------------
 # transformers compatibility: the one place that knows how the supported releases differ
-# ----------------------------------------------------------------------------------------------
 
 # The oldest and the newest transformers releases the test suite ran on (`make test-compat`,
 # docs/compat.md). Older releases lack internals used below; newer ones are allowed with a warning.
@@ -192,9 +190,7 @@ DYNAMIC_LAYER_TYPE_MAPPING["attention"] = HybridMambaKVLayer
 STATIC_LAYER_TYPE_MAPPING["attention"] = StaticLayer
 
 
-# ----------------------------------------------------------------------------------------------
 # Reference operators (pure torch)
-# ----------------------------------------------------------------------------------------------
 # The definitions, written to be read: each fast operator below keeps one of these contracts and is
 # tested against it (tests/test_reference_ops.py); `config.mamba_ops="reference"` runs the model on them.
 # Sequences may be packed: `seq_idx` (B, T) gives each token's segment, and no operator lets a
@@ -348,9 +344,7 @@ def rms_norm_ref(x, weight, gate=None, eps=1e-6, group_size=None):
     return weight * (grouped * rstd).view(x.shape).to(x.dtype)
 
 
-# ----------------------------------------------------------------------------------------------
 # Fast operators: the same contracts, hand-written backwards
-# ----------------------------------------------------------------------------------------------
 # What the model runs by default: the references' arithmetic with hand-written backwards that keep
 # only their inputs (recomputing the rest), in layouts that spare copies on CPU.
 
@@ -794,9 +788,7 @@ def _use_kernels(module: nn.Module, x: torch.Tensor) -> bool:
     return x.is_cuda and fast and module.config.use_mamba_kernels and not torch.compiler.is_compiling()
 
 
-# ----------------------------------------------------------------------------------------------
 # Modules
-# ----------------------------------------------------------------------------------------------
 
 
 class HybridMambaRMSNorm(nn.Module):
@@ -1210,9 +1202,7 @@ class HybridMambaDecoderLayer(GradientCheckpointingLayer):
         return hidden_states
 
 
-# ----------------------------------------------------------------------------------------------
 # Models
-# ----------------------------------------------------------------------------------------------
 
 
 class HybridMambaPreTrainedModel(PreTrainedModel):
@@ -1443,9 +1433,7 @@ class HybridMambaForSequenceClassification(GenericForSequenceClassification, Hyb
     pass
 
 
-# ----------------------------------------------------------------------------------------------
 # Remote code
-# ----------------------------------------------------------------------------------------------
 
 REMOTE_CODE_AUTO_MAP = {
     "AutoConfig": "configuration_hybrid_mamba.HybridMambaConfig",

@@ -4,7 +4,7 @@ import random
 
 import numpy as np
 import pytest
-from test_data_corpus import FRENCH, GERMAN, code, prose
+from data_corpus import FRENCH, GERMAN, code, prose
 
 from data_scripts.dedup import Deduplicator, signature_batch
 from data_scripts.filters import (

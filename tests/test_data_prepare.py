@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 from datasets import load_from_disk
-from test_data_corpus import (
+from data_corpus import (
     FRENCH,
     GERMAN,
     code_source,

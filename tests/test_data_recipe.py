@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_data_corpus import prose_source, run, write_recipe, write_text_files
+from data_corpus import prose_source, run, write_recipe, write_text_files
 
 from data_scripts.recipe import RecipeError, load_recipe, parse_recipe, resolve_files
 
