@@ -20,7 +20,7 @@ DEMO_BENCH ?= docs/results/bench_speed.json
 LOCK_VENV ?= $(or $(TMPDIR),/tmp)/hybrid-mamba-lock-venv
 COMPAT_DIR ?= $(or $(TMPDIR),/tmp)/hybrid-mamba-compat
 
-.PHONY: install test demo bench lock test-compat clean-venv
+.PHONY: install test test-fast demo bench lock test-compat clean-venv
 
 $(VENV)/.installed: setup.py $(TORCH_CONSTRAINT) $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,11 +35,15 @@ install: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
+# The inner loop: everything but the tests marked slow (those that start subprocesses or `accelerate launch`).
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
 # Data preparation (cached when nothing changed), then pretraining of the tiny preset on 2 CPU
 # cores; prints the validation loss against the unigram baseline and a sample.
 demo: $(VENV)/.installed
 	$(PY) -m data_scripts.prepare --recipe data_scripts/recipes/demo.yaml --output $(DEMO_DATA)
-	$(VENV)/bin/accelerate launch --config_file trainers/accelerate/cpu.yaml trainers/pretrain.py \
+	$(VENV)/bin/accelerate launch --config_file trainers/accelerate/cpu.yaml -m trainers.pretrain \
 		--config trainers/configs/tiny.yaml --data_dir $(DEMO_DATA) --output_dir $(DEMO_RUN)
 	# lm-eval on the offline held-out tasks (16 documents each, about 65 s on 2 busy cores); prints the table
 	rm -rf $(or $(DEMO_EVAL),results/demo_eval)

@@ -26,6 +26,11 @@ def tiny_config(layout="hybrid", **overrides) -> HybridMambaConfig:
     return get_preset("debug", **kwargs)
 
 
+def pytest_configure(config):
+    # `make test-fast` deselects these; `make test` (and CI) runs everything
+    config.addinivalue_line("markers", "slow: starts a subprocess or `accelerate launch` (deselect with -m 'not slow')")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -61,6 +61,7 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, args, says", CASES, ids=[c[0] for c in CASES])
 def test_entry_point_reports_a_bad_input_in_one_line(module, args, says, tmp_path):
     assert says in error_line(run_module(module, args, tmp_path))
@@ -77,6 +78,7 @@ def test_every_entry_point_runs_through_the_wrapper_and_is_tested():
     assert sorted(mains) == sorted({c[0] for c in CASES} | NO_INPUT)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_debug_shows_the_traceback(how, tmp_path):
     args, env = (["--preset", "nope", "--debug"], None) if how == "flag" else (["--preset", "nope"], {cli.DEBUG_ENV: "1"})
@@ -85,14 +87,15 @@ def test_debug_shows_the_traceback(how, tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("ValueError: Unknown preset 'nope'")
 
 
+@pytest.mark.slow
 def test_accelerate_launch_shows_the_error_line_per_rank_not_a_traceback(tmp_path):
     """Two CPU ranks through torchrun (trainers/accelerate/cpu_ddp.yaml); the launcher then adds its own report."""
     cmd = ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "trainers" / "accelerate" / "cpu_ddp.yaml"),
-           "--main_process_port", str(29500 + (os.getpid() + 7) % 1000), str(REPO / "trainers" / "pretrain.py"),
+           "--main_process_port", str(29500 + (os.getpid() + 7) % 1000), "-m", "trainers.pretrain",
            "--config", str(tmp_path / "missing.yaml")]
     env = {k: v for k, v in os.environ.items() if k != cli.DEBUG_ENV}
-    proc = subprocess.run([sys.executable, *cmd], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=TIMEOUT)
+    proc = subprocess.run([sys.executable, *cmd], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode != 0
     ranks = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     # a rank may be stopped by the launcher before it prints: at least one line, at most one per rank
@@ -106,6 +109,7 @@ def _closed_port() -> int:
         return s.getsockname()[1]  # closed on return: a connection to it is refused at once
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("token, says", [(None, "HF_TOKEN is not set"), ("not-a-real-token", "is not reachable with this token")],
                          ids=["no_token", "hub_unreachable"])
 def test_publish_to_the_hub_fails_in_one_line_and_pushes_nothing(token, says, tmp_path):
@@ -123,7 +127,7 @@ def test_publish_to_the_hub_fails_in_one_line_and_pushes_nothing(token, says, tm
     assert not (tmp_path / "stage").exists()  # it stopped before staging, so before any upload
 
 
-# ---- the wrapper in process ---------------------------------------------------------------------------
+# the wrapper in process
 
 
 def _exit(main, argv, capsys) -> tuple[int, str]:

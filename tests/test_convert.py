@@ -136,6 +136,7 @@ def _save_tiny_tokenizer(path):
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(path)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tmp_path):
     src = make_source("llama-gqa")
     src.save_pretrained(tmp_path / "src")

@@ -49,6 +49,7 @@ def _metrics(results: dict) -> dict:
     return {(t, k): v for t, ms in results["results"].items() for k, v in ms.items() if isinstance(v, float)}
 
 
+@pytest.mark.slow
 def test_cli_and_simple_evaluate_agree_on_offline_tasks(tiny_model, tmp_path):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager

@@ -73,9 +73,7 @@ def run_finetune(tmp_path, base, **overrides):
     return finetune.main(["--config", str(path)])
 
 
-# ------------------------------------------------------------------------------------------------
 # Targets
-# ------------------------------------------------------------------------------------------------
 
 
 def test_default_targets_follow_the_layout():
@@ -126,9 +124,7 @@ def test_merge_and_unload_matches_the_adapted_model(cls):
     torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
 
 
-# ------------------------------------------------------------------------------------------------
 # Chat data
-# ------------------------------------------------------------------------------------------------
 
 
 CHATML_WITH_GENERATION = (  # the form of data_scripts' tokenizer template
@@ -201,9 +197,7 @@ def test_malformed_chat_records_are_reported_with_file_and_line(tmp_path, tokeni
         load_chat(path, tokenizer, max_seq_len=64)
 
 
-# ------------------------------------------------------------------------------------------------
 # Adapters through the entry point
-# ------------------------------------------------------------------------------------------------
 
 
 def test_lora_chat_run_saves_the_adapter_alone_and_it_loads_onto_the_base(tmp_path, base, tokenizer):
@@ -234,9 +228,7 @@ def test_lora_chat_run_saves_the_adapter_alone_and_it_loads_onto_the_base(tmp_pa
     assert evaluate(merged, loader, Accelerator(cpu=True)) == pytest.approx(val, abs=1e-5)
 
 
-# ------------------------------------------------------------------------------------------------
 # Classification
-# ------------------------------------------------------------------------------------------------
 
 
 def test_local_metric_module_loads_offline_and_matches_sklearn():
@@ -302,9 +294,7 @@ def test_classification_finetune_learns_a_separable_toy_task(tmp_path, base):
     assert any("score" in n for n, _ in model.named_parameters())
 
 
-# ------------------------------------------------------------------------------------------------
 # Importance-guided rank allocation
-# ------------------------------------------------------------------------------------------------
 
 
 def test_importance_allocation_stays_within_the_uniform_budget(tokenizer):

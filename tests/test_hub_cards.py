@@ -271,6 +271,7 @@ cli_evaluate()
 """
 
 
+@pytest.mark.slow
 def test_fresh_clone_loads_without_this_repo_and_runs_lm_eval(run_dir, tmp_path):
     target = tmp_path / "tiny-repo"
     pub.publish(_args(run_dir, target))

@@ -22,9 +22,7 @@ from trainers.plan import GiB, MiB, PlanArgs, activation_bytes_per_token, estima
 
 REPO = Path(__file__).resolve().parents[1]
 
-# ----------------------------------------------------------------------------------------------
 # Arithmetic
-# ----------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +129,7 @@ def test_cli_prints_the_plan_and_writes_json(tmp_path, capsys):
     assert result["fixes"] and result["time"]["seconds"] == pytest.approx(1e4)
 
 
-# ----------------------------------------------------------------------------------------------
 # Activation formulas against the tensors autograd saves
-# ----------------------------------------------------------------------------------------------
 
 
 def saved_bytes(model, ids, position_ids) -> int:
@@ -177,9 +173,7 @@ def test_activation_formulas_match_saved_tensors(mamba_version, precision, packe
     assert predicted * b * t == pytest.approx(measured, rel=0.03)
 
 
-# ----------------------------------------------------------------------------------------------
 # CPU predictions against measured peak RSS
-# ----------------------------------------------------------------------------------------------
 
 # (preset, micro-batch, seq-len, activation checkpointing, packed documents): 3-10 s each on one
 # thread. Sizes where activations are hundreds of MiB: the runtime's own share of the peak (code
@@ -296,6 +290,7 @@ def comparison_table(cases=MEASURED_CASES) -> tuple[list[dict], str]:
     return rows, "\n".join(lines)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork, /proc and glibc's MALLOC_MMAP_THRESHOLD_")
 def test_cpu_prediction_matches_measured_peak_rss():
     rows, table = comparison_table()

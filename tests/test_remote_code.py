@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import tiny_config
 
@@ -37,6 +38,7 @@ torch.save({"logits": logits, "generated": generated, "module": type(model).__mo
 """
 
 
+@pytest.mark.slow
 def test_remote_code_loads_in_a_fresh_process(tmp_path):
     model = HybridMambaForCausalLM(tiny_config("hybrid")).eval()
     folder = tmp_path / "model"
@@ -99,6 +101,7 @@ def _load_with_version(tmp_path, version, *drop):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_remote_code_names_the_supported_range_on_an_old_transformers(tmp_path):
     from modeling.modeling_hybrid_mamba import TRANSFORMERS_FLOOR, TRANSFORMERS_TESTED
 
@@ -112,6 +115,7 @@ def test_remote_code_names_the_supported_range_on_an_old_transformers(tmp_path):
     assert current.returncode == 0 and "newer than" not in current.stderr
 
 
+@pytest.mark.slow
 def test_remote_code_names_the_missing_internal_and_the_range(tmp_path):
     from modeling.modeling_hybrid_mamba import TRANSFORMERS_FLOOR, TRANSFORMERS_TESTED
 

@@ -28,15 +28,17 @@ BASE = dict(
 
 
 def pretrain_command(tmp_path, data, name, launch="cpu", env=None, **overrides):
-    """(command, environment) for `accelerate launch --config_file trainers/accelerate/<launch>.yaml trainers/pretrain.py`."""
+    """(command, environment) for `accelerate launch --config_file trainers/accelerate/<launch>.yaml -m trainers.pretrain`."""
     cfg = {**BASE, "data_dir": str(data), "output_dir": str(tmp_path / name), **overrides}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "trainers" / "accelerate" / f"{launch}.yaml")]
     if launch != "cpu":
         cmd += ["--main_process_port", str(29500 + (os.getpid() + len(name)) % 1000)]
-    cmd += [str(REPO / "trainers" / "pretrain.py"), "--config", str(path)]
-    return cmd, {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd += ["-m", "trainers.pretrain", "--config", str(path)]
+    # cwd is tmp_path: the repository on PYTHONPATH makes the module importable without the editable install
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return cmd, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath, **(env or {})}
 
 
 def run_pretrain(tmp_path, data, name, launch="cpu", env=None, **overrides):
@@ -150,6 +152,7 @@ def test_param_groups_exclude_norms_biases_embeddings_ssm():
     assert len(decay_names) + len(no_decay_names) == len(names)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_reaches_the_same_loss(tmp_path, tiny_data, reference_run):
     assert kill_after_step(tmp_path, tiny_data, "killed", 6) == -signal.SIGKILL
     ckpts = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
@@ -169,6 +172,7 @@ def test_resume_after_sigkill_reaches_the_same_loss(tmp_path, tiny_data, referen
     }
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_data, reference_run):
     two = run_pretrain(tmp_path, tiny_data, "two", launch="cpu_ddp", micro_batch_size=2)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -182,6 +186,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_data,
     assert hardware["parameters_per_process"] == hardware["parameters_total"]  # DDP replicates
 
 
+@pytest.mark.slow
 def test_fsdp_shards_parameters_and_matches_one_process(fsdp_run, reference_run):
     hardware = json.loads((fsdp_run / "summary.json").read_text())["hardware"]
     assert hardware["distributed_type"] == "DistributedType.FSDP" and hardware["processes"] == 2
@@ -195,6 +200,7 @@ def test_fsdp_shards_parameters_and_matches_one_process(fsdp_run, reference_run)
     assert (fsdp_run / "final" / "model.safetensors").exists()  # the gathered full model
 
 
+@pytest.mark.slow
 def test_fsdp_resume_from_sharded_checkpoint(tmp_path, tiny_data, fsdp_run):
     assert kill_after_step(tmp_path, tiny_data, "fsdp", 6, launch="fsdp_cpu", micro_batch_size=2) == -signal.SIGKILL
     assert sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints").iterdir()) == ["step_00000004"]

@@ -1,6 +1,6 @@
 """Typed training arguments, read once from a YAML file and overridden from the command line.
 
-    accelerate launch trainers/pretrain.py --config trainers/configs/tiny.yaml --learning_rate 3e-4
+    accelerate launch -m trainers.pretrain --config trainers/configs/tiny.yaml --learning_rate 3e-4
 
 Every field is documented in its dataclass (`--help` prints them). A field name that does not exist,
 in the YAML file or on the command line, is an error listing the valid names.

@@ -1,8 +1,10 @@
 """Fine-tuning entry point: LoRA, QLoRA or all weights, on chat or classification data.
 
-    accelerate launch trainers/finetune.py --config trainers/configs/finetune_lora_chat.yaml
-    accelerate launch trainers/finetune.py --config trainers/configs/finetune_classification.yaml --seed 1
-    python trainers/finetune.py --config trainers/configs/finetune_qlora_chat.yaml   # needs bitsandbytes
+    accelerate launch -m trainers.finetune --config trainers/configs/finetune_lora_chat.yaml
+    accelerate launch -m trainers.finetune --config trainers/configs/finetune_classification.yaml --seed 1
+    python -m trainers.finetune --config trainers/configs/finetune_qlora_chat.yaml   # needs bitsandbytes
+
+From the repository root or with the package installed (`make install`: editable).
 
 Loads the base model (a save_pretrained folder), wraps it with peft (targets from
 trainers/peft_targets.py; ranks uniform or importance-allocated, trainers/rank_allocation.py) and
@@ -14,30 +16,26 @@ adapter_model.safetensors), the tokenizer (with the chat template used) and fine
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # run as a script by `accelerate launch`: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import modeling  # noqa: E402,F401  (registers hybrid_mamba with the Auto classes)
-from modeling import HybridMambaForCausalLM, HybridMambaForSequenceClassification  # noqa: E402
-from trainers import metrics as local_metrics  # noqa: E402
-from trainers.args import FinetuneArgs, parse_args  # noqa: E402
-from trainers.chat_data import collate_chat, ensure_chat_template, load_chat  # noqa: E402
-from trainers.cls_data import (  # noqa: E402
+import modeling  # noqa: F401  (registers hybrid_mamba with the Auto classes)
+from modeling import HybridMambaForCausalLM, HybridMambaForSequenceClassification
+from trainers import metrics as local_metrics
+from trainers.args import FinetuneArgs, parse_args
+from trainers.chat_data import collate_chat, ensure_chat_template, load_chat
+from trainers.cls_data import (
     GLUE_TASKS,
     collate_classification,
     load_examples,
     resolve_task,
     tokenize_examples,
 )
-from trainers.loop import evaluate_lm, make_accelerator, train  # noqa: E402
-from trainers.peft_targets import resolve_targets, target_module_names  # noqa: E402
-from trainers.qlora import check_not_repacked, guard_cpu_repack, load_4bit  # noqa: E402
-from trainers.rank_allocation import (  # noqa: E402
+from trainers.loop import evaluate_lm, make_accelerator, train
+from trainers.peft_targets import resolve_targets, target_module_names
+from trainers.qlora import check_not_repacked, guard_cpu_repack, load_4bit
+from trainers.rank_allocation import (
     allocate_ranks,
     measure_importance,
     rank_and_alpha_patterns,
@@ -221,7 +219,7 @@ def main(argv=None) -> dict:
         torch.cuda.reset_peak_memory_stats(accelerator.device)
 
     def finetune_summary(summary: dict) -> dict:
-        if accelerator.device.type == "cuda":  # the QLoRA memory figure the issue asks for, per process
+        if accelerator.device.type == "cuda":  # the QLoRA memory figure, per process
             finetune["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
         return {"finetune": finetune}
 

@@ -1,7 +1,10 @@
 """Pretraining entry point.
 
-    accelerate launch trainers/pretrain.py --config trainers/configs/tiny.yaml [--field value ...]
-    accelerate launch --config_file trainers/accelerate/fsdp.yaml trainers/pretrain.py --config trainers/configs/1.3b.yaml
+    accelerate launch -m trainers.pretrain --config trainers/configs/tiny.yaml [--field value ...]
+    accelerate launch --config_file trainers/accelerate/fsdp.yaml -m trainers.pretrain --config trainers/configs/1.3b.yaml
+    python -m trainers.pretrain --config trainers/configs/tiny.yaml   # one process, no launcher
+
+From the repository root or with the package installed (`make install`: editable).
 
 Reads DATA/ from data_scripts, builds the model from a preset (or `init_from`), runs the shared loop
 (trainers/loop.py) and writes RUN/: checkpoints/, best/, final/ (save_pretrained with remote code
@@ -10,20 +13,16 @@ baseline and a sample generation at the end.
 """
 
 import logging
-import sys
 from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # run as a script by `accelerate launch`: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import modeling  # noqa: E402,F401  (registers hybrid_mamba with the Auto classes)
-from configuration import get_preset  # noqa: E402
-from modeling import HybridMambaForCausalLM  # noqa: E402
-from trainers.args import PretrainArgs, parse_args  # noqa: E402
-from trainers.data import collate_packed, load_packed, unigram_baseline  # noqa: E402
-from trainers.loop import make_accelerator, train  # noqa: E402
+import modeling  # noqa: F401  (registers hybrid_mamba with the Auto classes)
+from configuration import get_preset
+from modeling import HybridMambaForCausalLM
+from trainers.args import PretrainArgs, parse_args
+from trainers.data import collate_packed, load_packed, unigram_baseline
+from trainers.loop import make_accelerator, train
 
 logger = logging.getLogger("trainers.pretrain")
 

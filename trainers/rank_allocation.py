@@ -16,7 +16,7 @@ is peft's `rank_pattern`, with `alpha_pattern` keeping lora_alpha / r the same f
     python -m trainers.rank_allocation --config trainers/configs/finetune_classification.yaml \
         --seeds 0 1 2 3 4 --out results/rank_allocation --max_steps 100 --eval_every 100
 
-compares both arms across seeds (one fine-tuning run per arm and seed through trainers/finetune.py;
+compares both arms across seeds (one fine-tuning run per arm and seed, `python -m trainers.finetune`;
 flags it does not know go to every run) and writes OUT/rank_allocation.{json,md} with mean, std,
 95% interval per arm, and of the paired per-seed differences with their signs and a Wilcoxon
 signed-rank p-value; the runs go under OUT/runs/.
@@ -121,9 +121,7 @@ def uniform_budget(model, targets: list[str], r: int) -> int:
     return sum(lora_parameter_count(modules[n], r) for n in target_module_names(model, targets))
 
 
-# ------------------------------------------------------------------------------------------------
 # Comparison across seeds
-# ------------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> dict:

@@ -2,7 +2,7 @@
 
     python -m trainers.sweep --config trainers/configs/finetune_classification.yaml --seeds 0 1 2 [--field value ...]
 
-Runs trainers/finetune.py once per seed (a fresh process each, output in OUT/seed_<n>/), then writes
+Runs `python -m trainers.finetune` once per seed (a fresh process each, output in OUT/seed_<n>/), then writes
 OUT/sweep.json and OUT/sweep.md with every final validation metric summarised over the seeds
 (Student's t interval, trainers/stats.py). OUT defaults to the config's output_dir.
 """
@@ -21,7 +21,6 @@ import yaml
 from .stats import summarize
 
 logger = logging.getLogger(__name__)
-REPO = Path(__file__).resolve().parents[1]
 
 
 class RunError(RuntimeError):
@@ -34,8 +33,10 @@ def check_config(config: str) -> None:
 
 
 def run_seed(config: str, seed: int, run_dir: Path, extra: list[str]) -> dict:
-    """trainers/finetune.py with `--seed seed --output_dir run_dir`, from scratch; returns its summary."""
-    cmd = [sys.executable, str(REPO / "trainers" / "finetune.py"), "--config", config, "--seed", str(seed),
+    """`python -m trainers.finetune` with `--seed seed --output_dir run_dir`, from scratch; returns its summary.
+    The child imports trainers the way this process did (from the working directory, PYTHONPATH or the
+    installed package), as it inherits both."""
+    cmd = [sys.executable, "-m", "trainers.finetune", "--config", config, "--seed", str(seed),
            "--output_dir", str(run_dir), "--resume", "false", *extra]
     logger.info("%s", " ".join(cmd))
     done = subprocess.run(cmd, capture_output=True, text=True)
