@@ -20,6 +20,7 @@ Padding and packed sequences share one mechanism: tokens get segment ids (a new 
 convolution nor the scan crosses a segment boundary.
 """
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,8 +60,6 @@ def _check_transformers_version(version: str) -> None:
 
 
 _check_transformers_version(transformers.__version__)
-
-import inspect  # noqa: E402
 
 try:  # transformers internals: present in every release of the supported range
     from transformers import initialization as init

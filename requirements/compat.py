@@ -111,9 +111,7 @@ def write_report(results: dict, out_md: Path, out_json: Path, command: str) -> N
     today = datetime.date.today().isoformat()
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     payload = {"date": today, "machine": machine, "command": command, "profiles": results}
-    tmp = out_json.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(out_json)
+    _write(out_json, json.dumps(payload, indent=2) + "\n")
 
     names = list(results)
     lines = [
@@ -141,9 +139,13 @@ def write_report(results: dict, out_md: Path, out_json: Path, command: str) -> N
         lines.append(f"| {check} | " + " | ".join(cells) + " |")
     lines += ["", "Checks: " + "; ".join(f"{c}: `{' '.join(t)}`" for c, t in CHECKS.items()) + ".", ""]
     lines += ["Differences between releases that the tests allow for:", ""] + [f"- {n}" for n in NOTES]
-    tmp = out_md.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(out_md)
+    _write(out_md, "\n".join(lines) + "\n")
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def main(argv=None) -> int:

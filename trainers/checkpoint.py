@@ -169,14 +169,7 @@ def write_record(folder: Path, step: int) -> None:
         files.append({"path": path.relative_to(folder).as_posix(), "size": size, "sha256": digest})
     for sub in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
         _fsync_dir(sub)
-    tmp = folder / (RECORD + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"format": RECORD_FORMAT, "step": step, "files": files}, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / RECORD)
-    _fsync_dir(folder)
+    write_text_atomic(folder / RECORD, json.dumps({"format": RECORD_FORMAT, "step": step, "files": files}, indent=1) + "\n")
 
 
 def check_record(folder: Path, hashes: bool = True) -> str | None:
@@ -252,6 +245,18 @@ def atomic_save_pretrained(model, tokenizer, folder: Path, **kwargs) -> None:
     else:
         os.replace(tmp, folder)
     _fsync_dir(folder.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` by `text` all at once and durably: a reader sees the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def _fsync_dir(path: Path) -> None:

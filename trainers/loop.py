@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from .args import TrainArgs
-from .checkpoint import CheckpointManager, atomic_save_pretrained
+from .checkpoint import CheckpointManager, atomic_save_pretrained, write_text_atomic
 from .data import EpochSampler
 
 logger = logging.getLogger(__name__)
@@ -180,9 +180,7 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         if self.accelerator.is_main_process and self.path.exists():
             rows = [r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(r + "\n" for r in rows))
-            os.replace(tmp, self.path)
+            write_text_atomic(self.path, "".join(r + "\n" for r in rows))
 
     def write(self, row: dict) -> None:
         if self.accelerator.is_main_process:
@@ -396,9 +394,7 @@ class Trainer:
         if summary_extras is not None:
             summary.update(summary_extras(summary))
         if accelerator.is_main_process:
-            tmp = self.out / "summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=2) + "\n")
-            os.replace(tmp, self.out / "summary.json")
+            write_text_atomic(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         accelerator.end_training()
         return summary
 
