@@ -54,7 +54,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["configuration*", "modeling*", "trainers*", "data_scripts*", "eval_harness*", "hub_cards*"]),
+    packages=find_packages(include=["common*", "configuration*", "modeling*", "trainers*", "data_scripts*", "eval_harness*", "hub_cards*"]),
     package_data={"configuration": ["presets.yaml"], "data_scripts": ["recipes/*.yaml"], "trainers": ["configs/*.yaml", "accelerate/*.yaml", "demo_data/*.jsonl", "demo_data/*.tsv"], "hub_cards": ["templates/*.md"]},
     install_requires=install_requires,
     extras_require=extras_require,

@@ -36,7 +36,7 @@ DEBUG_FLAG = "--debug"
 DEBUG_ENV = "HYBRID_MAMBA_DEBUG"
 EXIT_ERROR = 2
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("configuration", "modeling", "trainers", "data_scripts", "eval_harness", "hub_cards")
+PACKAGES = ("common", "configuration", "modeling", "trainers", "data_scripts", "eval_harness", "hub_cards")
 # (module, class): looked up only when the module is already imported; an error of a module never
 # imported cannot have been raised.
 LIBRARY_ERRORS = (("huggingface_hub.errors", "HTTPError"), ("httpx", "HTTPError"), ("yaml", "YAMLError"))

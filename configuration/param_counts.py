@@ -6,22 +6,36 @@ prints the markdown table of parameter counts, writes the counts as JSON, and wi
 the README's table (between the param-table markers) with it.
 """
 
-import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from common.args import parse_args
+from common.files import write_text_atomic
 
 from .configuration_hybrid_mamba import HybridMambaConfig
 from .presets import PRESET_NAMES, get_preset
 
 
-def count_parameters(config: HybridMambaConfig) -> dict:
-    """Parameter counts of the real module, built on the meta device (no memory is allocated)."""
+def meta_model(model_class, config):
+    """`model_class(config)` built on the meta device: every shape, no memory, no initialisation."""
     import torch
 
+    with torch.device("meta"):
+        return model_class(config)
+
+
+def total_parameters(model_class, config) -> int:
+    """Parameters of any model class (ours, or transformers' Llama, Bamba, Mamba2) built from `config`;
+    tied weights are counted once."""
+    return sum(p.numel() for p in meta_model(model_class, config).parameters())
+
+
+def count_parameters(config: HybridMambaConfig) -> dict:
+    """Parameter counts of the real module by part, built on the meta device (no memory is allocated)."""
     from modeling.modeling_hybrid_mamba import HybridMambaForCausalLM
 
-    with torch.device("meta"):
-        model = HybridMambaForCausalLM(config)
+    model = meta_model(HybridMambaForCausalLM, config)
     total = sum(p.numel() for p in model.parameters())  # tied weights are counted once
     embedding = model.model.embed_tokens.weight.numel()
     by_kind = {"attention": 0, "mamba": 0, "mlp": 0}
@@ -73,22 +87,25 @@ def replace_readme_table(readme: Path, table: str) -> None:
     text = check_readme(readme)
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
-    tmp = readme.with_suffix(".tmp")
-    tmp.write_text(f"{head}{README_START}\n{table}\n{README_END}{tail}", encoding="utf-8")
-    tmp.replace(readme)
+    write_text_atomic(readme, f"{head}{README_START}\n{table}\n{README_END}{tail}")
+
+
+@dataclass
+class ParamCountArgs:
+    """Print the markdown table of parameter counts of every preset; optionally write it to JSON or a README."""
+
+    json_out: Path | None = field(default=None, metadata={"aliases": ["--json"], "help": "Also write the counts to this JSON file."})
+    readme: Path | None = field(default=None, metadata={"help": "Replace the parameter table (between the param-table markers) in this README."})
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", type=Path, help="also write the counts to this JSON file")
-    parser.add_argument("--readme", type=Path, help="replace the parameter table in this README")
-    args = parser.parse_args(argv)
+    args = parse_args(ParamCountArgs, argv)
     if args.readme:
         check_readme(args.readme)
     table, rows = markdown_table()
     print(table)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(rows, indent=2) + "\n")
     if args.readme:
         replace_readme_table(args.readme, table)
 

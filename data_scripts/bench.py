@@ -16,16 +16,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
+from common.machine import machine
 
 from .dedup import Deduplicator, signature_batch
 from .filters import language_batch, length_batch, percentile_batch, percentile_cuts, quality_batch
@@ -173,26 +173,16 @@ def bench_end_to_end(recipe_path: str, num_proc: int) -> dict:
     return out
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    libs = {lib: metadata.version(lib) for lib in ("datasets", "tokenizers", "datasketch", "lingua-language-detector", "phonenumberslite")}
-    return {"cpu": cpu, "cores_available": cores, "python": platform.python_version(), "libraries": libs}
+# The libraries whose speed the numbers depend on, recorded with the machine.
+LIBRARIES = ("datasets", "tokenizers", "datasketch", "lingua-language-detector", "phonenumberslite")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from transformers import HfArgumentParser
+    from common.args import parse_args
 
-    (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses(args=argv)
+    args = parse_args(BenchArguments, argv)
     logging.basicConfig(level="WARNING")
-    result = {"recipe": Path(args.recipe).name, "machine": machine()}
+    result = {"recipe": Path(args.recipe).name, "machine": machine(libraries=LIBRARIES)}
     # Other work on the machine slows every number here; the load average says how much there was.
     load_before = os.getloadavg()[0]
     result |= bench_stages(args.recipe)

@@ -1,29 +1,23 @@
-"""Build fingerprint and atomic output folders.
+"""Build fingerprint of an output folder.
 
 The fingerprint hashes everything the output depends on: the resolved recipe, the content of every
 input file, this package's code and the versions of the libraries that shape the bytes. A finished
 output holds it in ``fingerprint.json``; a rerun that computes the same one leaves the output as it is.
 Hub sources enter by name, configuration, split and revision: pin ``revision`` for reproducible builds.
 
-Outputs are written to a hidden sibling ``.NAME.tmp-PID`` and renamed into place only when complete,
-so an interrupted run never leaves a half-written folder where a good one stood; leftovers of killed
-runs are cleaned up by the next run.
+Outputs are written atomically by ``common.files.atomic_dir``: a hidden sibling ``.NAME.tmp-PID``
+renamed into place only when complete, so an interrupted run never leaves a half-written folder where
+a good one stood; leftovers of killed runs are cleaned up by the next run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
-import os
-import shutil
 from importlib import metadata
 from pathlib import Path
 
 from .recipe import Recipe, SourceFiles
-
-logger = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "fingerprint.json"
 REQUIRED = ("train", "validation", "tokenizer", "report.json", "report.md", "recipe.yaml", FINGERPRINT_FILE)
@@ -75,49 +69,3 @@ def is_current(out: Path, fp: dict) -> bool:
         return json.loads(f.read_text())["fingerprint"] == fp["fingerprint"]
     except (ValueError, KeyError):
         return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _clean_leftovers(target: Path) -> None:
-    for p in target.parent.glob(f".{target.name}.*-*"):
-        kind, _, pid = p.name[len(target.name) + 2 :].partition("-")
-        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
-            continue
-        if kind == "old" and not target.exists():
-            logger.warning("restoring %s from an interrupted swap", target)
-            os.rename(p, target)
-        else:
-            logger.info("removing %s left by an interrupted run", p)
-            shutil.rmtree(p, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_dir(target: Path):
-    """Yield a temporary folder that replaces ``target`` only if the block finishes without error."""
-    target = Path(os.path.abspath(target))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _clean_leftovers(target)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.rename(target, old)
-    os.rename(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

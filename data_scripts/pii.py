@@ -2,7 +2,8 @@
 keys or tokens are replaced with placeholders and counted by kind. Nothing is removed.
 
 Keys are matched by the published shapes of common providers (AWS, GitHub, OpenAI-style ``sk-``,
-Slack, Google, Stripe, Hugging Face, JWTs, PEM private keys) plus a generic rule: a quoted value of
+Slack, Google, Stripe, Hugging Face, JWTs, PEM private keys; ``common/credentials.py``, which
+hub_cards checks published files against too) plus a generic rule: a quoted value of
 16+ characters mixing letters and digits assigned to a name like ``api_key``, ``secret``, ``token`` or
 ``password``. IP candidates are checked with ``ipaddress``; by default only globally routable ones are
 replaced, so ``127.0.0.1`` or ``192.168.0.1`` in code and docs stay.
@@ -31,6 +32,8 @@ import re
 import phonenumbers
 from phonenumbers import Leniency, NumberParseException, PhoneNumberMatcher, ValidationResult
 
+from common.credentials import replace_keys
+
 from .docs import document_stage, map_docs
 from .recipe import PIIConfig
 
@@ -58,22 +61,6 @@ _DOTTED_QUAD = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 _DATE = re.compile(r"(?:19|20)\d\d([-./])[01]?\d\1[0-3]?\d(?!\d)|[0-3]?\d([-./])[0-3]?\d\2(?:19|20)\d\d(?!\d)")
 _IPV4 = re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}")
 _IPV6 = re.compile(r"[0-9A-Fa-f]{0,4}:[0-9A-Fa-f:]*:[0-9A-Fa-f]{0,4}")
-# Each key shape starts with a literal prefix, searched alone (re scans for a literal prefix fast; an
-# alternation or a leading \b would test every position). Word boundaries are checked in the callback.
-_KEYS = [
-    re.compile(r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----.*?-----END (?:[A-Z]+ )?PRIVATE KEY-----", re.DOTALL),
-    re.compile(r"AKIA[0-9A-Z]{16}(?![0-9A-Za-z])"),  # AWS access key id
-    re.compile(r"ASIA[0-9A-Z]{16}(?![0-9A-Za-z])"),
-    re.compile(r"gh[pousr]_[A-Za-z0-9]{36,255}"),  # GitHub tokens
-    re.compile(r"github_pat_[A-Za-z0-9_]{22,255}"),
-    re.compile(r"sk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}"),  # OpenAI / Anthropic style
-    re.compile(r"xox[abposr]-[A-Za-z0-9-]{10,}"),  # Slack
-    re.compile(r"AIza[0-9A-Za-z_-]{35}"),  # Google API key
-    re.compile(r"sk_(?:live|test)_[0-9A-Za-z]{16,}"),  # Stripe
-    re.compile(r"rk_(?:live|test)_[0-9A-Za-z]{16,}"),
-    re.compile(r"hf_[A-Za-z]{30,40}(?![0-9A-Za-z])"),  # Hugging Face
-    re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),  # JWT
-]
 # A quoted value of 16+ characters after ``=`` or ``:``; the name before it is checked in the callback.
 _QUOTED_VALUE = re.compile(r"[:=]\s*[\"']([A-Za-z0-9_\-+/=.]{16,})[\"']")
 _SECRET_NAME = re.compile(
@@ -161,15 +148,7 @@ def scrub(text: str, cfg: PIIConfig) -> tuple[str, dict[str, int]]:
     kinds = set(cfg.kinds)
     if "key" in kinds:
         # Keys first: a token like ``sk-...@...`` must not be half-eaten by the e-mail rule.
-
-        def _key(m: re.Match) -> str:
-            if not _isolated(m, _WORD, ""):
-                return m.group(0)
-            counts["key"] += 1
-            return PLACEHOLDERS["key"]
-
-        for rx in _KEYS:
-            text = rx.sub(_key, text)
+        text, counts["key"] = replace_keys(text, PLACEHOLDERS["key"])
 
         def _assigned(m: re.Match) -> str:
             value = m.group(1)

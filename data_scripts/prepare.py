@@ -17,10 +17,13 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
-from .cache import FINGERPRINT_FILE, atomic_dir, fingerprint, is_current
+from common.files import atomic_dir
+
+from .cache import FINGERPRINT_FILE, fingerprint, is_current
 from .pipeline import Build, build
 from .recipe import (
     Recipe,
@@ -47,7 +50,7 @@ class PrepareArguments:
         default=os.cpu_count() or 1, metadata={"help": "Worker processes for the parallel stages (in-memory builds)."}
     )
     force: bool = field(default=False, metadata={"help": "Rebuild even when the output's fingerprint matches."})
-    log_level: str = field(default="info", metadata={"help": "Logging level: debug, info, warning."})
+    log_level: Literal["debug", "info", "warning", "error"] = field(default="info", metadata={"help": "Logging level."})
 
 
 def check_inputs(recipe: Recipe) -> list[SourceFiles | None]:
@@ -109,9 +112,9 @@ def prepare(args: PrepareArguments) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from transformers import HfArgumentParser
+    from common.args import parse_args
 
-    (args,) = HfArgumentParser(PrepareArguments).parse_args_into_dataclasses(args=argv)
+    args = parse_args(PrepareArguments, argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     prepare(args)  # a RecipeError, BudgetError or missing file ends in one line and exit status 2 (configuration.cli)
     return 0

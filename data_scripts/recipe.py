@@ -13,22 +13,25 @@ Path placeholders in ``files``: ``{package:NAME}`` is the folder of the installe
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import fnmatch
 import glob
 import importlib.util
 import os
 import sysconfig
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import yaml
 
-LOADERS = ("text", "jsonl", "parquet", "hub")
-PII_KINDS = ("email", "phone", "ip", "key")
-QUALITY_RULE_SETS = ("prose", "code")
+from common.args import did_you_mean, load_dataclass
+
+Loader = Literal["text", "jsonl", "parquet", "hub"]
+PIIKind = Literal["email", "phone", "ip", "key"]
+RuleSet = Literal["prose", "code"]
+LOADERS = get_args(Loader)
+PII_KINDS = get_args(PIIKind)
+QUALITY_RULE_SETS = get_args(RuleSet)
 
 
 class RecipeError(ValueError):
@@ -46,12 +49,26 @@ class LanguageConfig:
     max_chars: int = 3000
     """Detect on at most this many characters, taken as three windows spread over the document."""
 
+    def __post_init__(self):
+        from lingua import IsoCode639_1
+
+        valid = {c.name.lower() for c in IsoCode639_1.__dict__.values() if isinstance(c, IsoCode639_1)}
+        if not self.keep:
+            raise RecipeError("keep: list at least one language, or set language: null")
+        for code in self.keep:
+            if code.lower() not in valid:
+                raise RecipeError(f"keep: '{code}' is not an ISO 639-1 code lingua knows ({', '.join(sorted(valid))})")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise RecipeError("threshold: must be in [0, 1]")
+        if self.max_chars < 100:
+            raise RecipeError("max_chars: must be at least 100")
+
 
 @dataclass
 class QualityConfig:
     """Heuristic quality rules (``data_scripts/quality.py`` lists them with their default thresholds)."""
 
-    rules: str = "prose"
+    rules: RuleSet = "prose"
     """Rule set: ``prose`` (Gopher-style rules for natural language) or ``code``."""
     thresholds: dict[str, float | None] = field(default_factory=dict)
     """Per-rule overrides by rule name; ``null`` switches a rule off."""
@@ -60,12 +77,25 @@ class QualityConfig:
     sample_docs: int = 2000
     """Streaming only: the percentile cut is estimated on this many leading documents of the source."""
 
+    def __post_init__(self):
+        from .quality import RULE_SETS  # late import: quality imports numpy only
+
+        valid = RULE_SETS[self.rules]
+        for rule in self.thresholds:
+            if rule not in valid:
+                raise RecipeError(
+                    f"thresholds: unknown {self.rules} rule '{rule}'{did_you_mean(rule, valid)}. "
+                    f"Valid rules: {', '.join(valid)}"
+                )
+        if not 0.0 <= self.percentile < 100.0:
+            raise RecipeError("percentile: must be in [0, 100)")
+
 
 @dataclass
 class PIIConfig:
     """PII scrubbing: matches are replaced with placeholders (<EMAIL>, <PHONE>, <IP_ADDRESS>, <KEY>)."""
 
-    kinds: list[str] = field(default_factory=lambda: list(PII_KINDS))
+    kinds: list[PIIKind] = field(default_factory=lambda: list(PII_KINDS))
     """Which kinds to scrub: email, phone, ip, key."""
     keep_non_global_ips: bool = True
     """Keep loopback, private, link-local and documentation addresses (127.0.0.1, 10.0.0.0/8, ...)."""
@@ -73,6 +103,9 @@ class PIIConfig:
     """Regions (ISO 3166-1 alpha-2, e.g. US, GB, DE) whose national numbers, written without + and a
     country code, are phone numbers: US finds ``(415) 555-0100``, DE ``030 25738190``. A number written
     with + and a country code is found for every country whatever this lists."""
+
+    def __post_init__(self):
+        _check_phone_regions(self.phone_regions, "phone_regions")
 
 
 @dataclass
@@ -87,6 +120,10 @@ class FilterConfig:
     quality: QualityConfig | None = field(default_factory=QualityConfig)
     pii: PIIConfig | None = field(default_factory=PIIConfig)
 
+    def __post_init__(self):
+        if self.min_chars < 1 or self.max_chars <= self.min_chars:
+            raise RecipeError("need 1 <= min_chars < max_chars")
+
 
 @dataclass
 class SourceConfig:
@@ -94,7 +131,7 @@ class SourceConfig:
 
     name: str
     """Unique name; the output's ``source`` column indexes the sources in recipe order."""
-    loader: str
+    loader: Loader
     """``text`` (one document per file), ``jsonl``, ``parquet`` or ``hub`` (a Hugging Face dataset)."""
     weight: float
     """Mixture weight; weights are normalised to token shares over all sources."""
@@ -122,6 +159,22 @@ class SourceConfig:
     """Who to credit and where the data comes from, carried into the report for model cards."""
     filters: FilterConfig = field(default_factory=FilterConfig)
 
+    def __post_init__(self):
+        if not self.weight > 0:
+            raise RecipeError(f"weight: must be positive, got {self.weight}")
+        if self.loader == "hub":
+            if not self.dataset:
+                raise RecipeError("dataset: a hub source needs the dataset name")
+            if self.files:
+                raise RecipeError("files: a hub source reads 'dataset', not files")
+        else:
+            if not self.files:
+                raise RecipeError(f"files: a {self.loader} source needs at least one path or glob")
+            if self.dataset:
+                raise RecipeError("dataset: only hub sources take a dataset name")
+        if self.max_docs is not None and self.max_docs < 1:
+            raise RecipeError("max_docs: must be positive")
+
 
 @dataclass
 class DedupConfig:
@@ -138,6 +191,12 @@ class DedupConfig:
     ngram: int = 5
     """Words per shingle."""
 
+    def __post_init__(self):
+        if not 0.0 < self.threshold < 1.0:
+            raise RecipeError(f"threshold: must be in (0, 1), got {self.threshold}")
+        if self.num_perm < 16 or self.ngram < 1:
+            raise RecipeError("num_perm must be >= 16 and ngram >= 1")
+
 
 @dataclass
 class TokenizerConfig:
@@ -151,6 +210,10 @@ class TokenizerConfig:
     """Minimum pair frequency for a merge."""
     train_max_bytes: int = 1_000_000_000
     """Train on at most this many bytes of curated text, each source contributing by its weight."""
+
+    def __post_init__(self):
+        if self.path is None and self.vocab_size < 300:
+            raise RecipeError(f"vocab_size: must be at least 300 (256 bytes + specials), got {self.vocab_size}")
 
 
 @dataclass
@@ -176,6 +239,23 @@ class Recipe:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
 
+    def __post_init__(self):
+        if not self.sources:
+            raise RecipeError("sources: at least one source is needed")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise RecipeError(f"sources: names must be unique, got {names}")
+        if self.seq_len < 8:
+            raise RecipeError(f"seq_len: must be at least 8, got {self.seq_len}")
+        if not 0.0 < self.validation_fraction < 0.5:
+            raise RecipeError(f"validation_fraction: must be in (0, 0.5), got {self.validation_fraction}")
+        if self.total_tokens is not None and self.total_tokens < 2 * self.seq_len:
+            raise RecipeError(f"total_tokens: must be at least 2 * seq_len, got {self.total_tokens}")
+        if self.max_epochs < 1.0:
+            raise RecipeError(f"max_epochs: must be at least 1, got {self.max_epochs}")
+        if self.streaming:
+            check_streaming(self)
+
     @property
     def shares(self) -> list[float]:
         total = sum(s.weight for s in self.sources)
@@ -188,90 +268,12 @@ class Recipe:
 # parsing
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def _is_optional(tp) -> tuple[bool, object]:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return True, args[0]
-    return False, tp
-
-
-def _convert(tp, value, where: str):
-    optional, inner = _is_optional(tp)
-    if value is None:
-        if optional:
-            return None
-        raise RecipeError(f"{where}: must not be null")
-    if dataclasses.is_dataclass(inner):
-        if optional and value is False:
-            return None
-        if value is True:
-            return inner()
-        if not isinstance(value, dict):
-            raise RecipeError(f"{where}: expected a mapping of {inner.__name__} fields, got {value!r}")
-        return _build(inner, value, where)
-    origin = typing.get_origin(inner)
-    if origin is list:
-        (item,) = typing.get_args(inner)
-        if isinstance(value, (str, dict)) or not isinstance(value, list):
-            if item is str and isinstance(value, str):
-                value = [value]
-            else:
-                raise RecipeError(f"{where}: expected a list, got {value!r}")
-        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        key_t, val_t = typing.get_args(inner)
-        if not isinstance(value, dict):
-            raise RecipeError(f"{where}: expected a mapping, got {value!r}")
-        return {_convert(key_t, k, where): _convert(val_t, v, f"{where}.{k}") for k, v in value.items()}
-    if inner is bool:
-        if not isinstance(value, bool):
-            raise RecipeError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if inner is int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RecipeError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if inner is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if inner is str:
-        if not isinstance(value, str):
-            raise RecipeError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported recipe field type {_type_name(inner)} at {where}")
-
-
-def _build(cls, data: dict, where: str):
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise RecipeError(f"{where}: unknown field '{key}'{hint}. Valid fields: {', '.join(fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in data:
-            kwargs[name] = _convert(hints[name], data[name], f"{where}.{name}" if where else name)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise RecipeError(f"{where or 'recipe'}: missing required field '{name}'")
-    return cls(**kwargs)
-
-
 def parse_recipe(data: dict, where: str = "recipe") -> Recipe:
     """Build and check a Recipe from a mapping (as read from YAML)."""
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: expected a mapping at the top level")
-    recipe = _build(Recipe, data, "")
     try:
+        recipe = load_dataclass(Recipe, data, error=RecipeError)  # types, choices and each __post_init__
         validate(recipe)
     except RecipeError as e:
         raise RecipeError(f"{where}: {e}") from None
@@ -297,76 +299,10 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
 
 
 def validate(recipe: Recipe) -> None:
-    """Checks on values that need no file system or network."""
-    from .quality import RULE_SETS  # late import: quality imports numpy only
-
-    if not recipe.sources:
-        raise RecipeError("sources: at least one source is needed")
-    names = [s.name for s in recipe.sources]
-    if len(set(names)) != len(names):
-        raise RecipeError(f"sources: names must be unique, got {names}")
-    if recipe.seq_len < 8:
-        raise RecipeError(f"seq_len: must be at least 8, got {recipe.seq_len}")
-    if not 0.0 < recipe.validation_fraction < 0.5:
-        raise RecipeError(f"validation_fraction: must be in (0, 0.5), got {recipe.validation_fraction}")
-    if recipe.total_tokens is not None and recipe.total_tokens < 2 * recipe.seq_len:
-        raise RecipeError(f"total_tokens: must be at least 2 * seq_len, got {recipe.total_tokens}")
-    if recipe.max_epochs < 1.0:
-        raise RecipeError(f"max_epochs: must be at least 1, got {recipe.max_epochs}")
-    if recipe.streaming:
-        check_streaming(recipe)
+    """Checks that look at the file system (the checks on values alone run in each dataclass's __post_init__)."""
     tok = recipe.tokenizer
-    if tok.path is None and tok.vocab_size < 300:
-        raise RecipeError(f"tokenizer.vocab_size: must be at least 300 (256 bytes + specials), got {tok.vocab_size}")
     if tok.path is not None and not Path(tok.path).is_dir():
         raise RecipeError(f"tokenizer.path: {tok.path} is not a folder; give a saved tokenizer folder or remove 'path'")
-    dd = recipe.dedup
-    if not 0.0 < dd.threshold < 1.0:
-        raise RecipeError(f"dedup.threshold: must be in (0, 1), got {dd.threshold}")
-    if dd.num_perm < 16 or dd.ngram < 1:
-        raise RecipeError("dedup: num_perm must be >= 16 and ngram >= 1")
-    for i, s in enumerate(recipe.sources):
-        where = f"sources[{i}] ({s.name})"
-        if s.loader not in LOADERS:
-            raise RecipeError(f"{where}.loader: '{s.loader}' is not one of {', '.join(LOADERS)}")
-        if not s.weight > 0:
-            raise RecipeError(f"{where}.weight: must be positive, got {s.weight}")
-        if s.loader == "hub":
-            if not s.dataset:
-                raise RecipeError(f"{where}.dataset: a hub source needs the dataset name")
-            if s.files:
-                raise RecipeError(f"{where}.files: a hub source reads 'dataset', not files")
-        else:
-            if not s.files:
-                raise RecipeError(f"{where}.files: a {s.loader} source needs at least one path or glob")
-            if s.dataset:
-                raise RecipeError(f"{where}.dataset: only hub sources take a dataset name")
-        if s.max_docs is not None and s.max_docs < 1:
-            raise RecipeError(f"{where}.max_docs: must be positive")
-        f = s.filters
-        if f.min_chars < 1 or f.max_chars <= f.min_chars:
-            raise RecipeError(f"{where}.filters: need 1 <= min_chars < max_chars")
-        if f.language is not None:
-            _check_languages(f.language, f"{where}.filters.language")
-        if f.quality is not None:
-            q = f.quality
-            if q.rules not in RULE_SETS:
-                raise RecipeError(f"{where}.filters.quality.rules: '{q.rules}' is not one of {', '.join(RULE_SETS)}")
-            for rule in q.thresholds:
-                if rule not in RULE_SETS[q.rules]:
-                    close = difflib.get_close_matches(rule, RULE_SETS[q.rules], n=1)
-                    hint = f" (did you mean '{close[0]}'?)" if close else ""
-                    raise RecipeError(
-                        f"{where}.filters.quality.thresholds: unknown {q.rules} rule '{rule}'{hint}. "
-                        f"Valid rules: {', '.join(RULE_SETS[q.rules])}"
-                    )
-            if not 0.0 <= q.percentile < 100.0:
-                raise RecipeError(f"{where}.filters.quality.percentile: must be in [0, 100)")
-        if f.pii is not None:
-            for kind in f.pii.kinds:
-                if kind not in PII_KINDS:
-                    raise RecipeError(f"{where}.filters.pii.kinds: '{kind}' is not one of {', '.join(PII_KINDS)}")
-            _check_phone_regions(f.pii.phone_regions, f"{where}.filters.pii.phone_regions")
 
 
 def check_streaming(recipe: Recipe) -> None:
@@ -389,23 +325,6 @@ def _check_phone_regions(regions: list[str], where: str) -> None:
                 f"{where}: '{region}' is not a region phonenumbers knows{hint}; "
                 "use ISO 3166-1 alpha-2 codes like US, GB, DE"
             )
-
-
-def _check_languages(lang: LanguageConfig, where: str) -> None:
-    from lingua import IsoCode639_1
-
-    valid = {c.name.lower() for c in IsoCode639_1.__dict__.values() if isinstance(c, IsoCode639_1)}
-    if not lang.keep:
-        raise RecipeError(f"{where}.keep: list at least one language, or set language: null")
-    for code in lang.keep:
-        if code.lower() not in valid:
-            raise RecipeError(
-                f"{where}.keep: '{code}' is not an ISO 639-1 code lingua knows ({', '.join(sorted(valid))})"
-            )
-    if not 0.0 <= lang.threshold <= 1.0:
-        raise RecipeError(f"{where}.threshold: must be in [0, 1]")
-    if lang.max_chars < 100:
-        raise RecipeError(f"{where}.max_chars: must be at least 100")
 
 
 # files

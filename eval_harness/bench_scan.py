@@ -11,7 +11,6 @@ Writes bench_scan.json and bench_scan.md into --out and prints the table. This i
 CPU_CHUNK_SIZE in the modeling file was chosen from. A full run takes about 3 minutes on 2 cores.
 """
 
-import json
 import logging
 import statistics
 import sys
@@ -21,10 +20,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import HfArgumentParser
 
-from eval_harness.bench_speed import machine_info
-from eval_harness.files import write_atomic
+from common.args import parse_args
+from common.files import write_json_atomic, write_text_atomic
+from common.machine import machine
 from modeling.modeling_hybrid_mamba import causal_conv1d, causal_conv1d_ref, ssd_scan, ssd_scan_ref
 
 logger = logging.getLogger(__name__)
@@ -37,6 +36,10 @@ class ScanBenchArgs:
     out: str = field(default="results/bench_scan", metadata={"help": "Folder for bench_scan.json and bench_scan.md."})
     threads: int = field(default=2, metadata={"help": "torch.set_num_threads."})
     quick: bool = field(default=False, metadata={"help": "Small shapes and one repetition (a smoke test)."})
+
+    def __post_init__(self):
+        if self.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {self.threads}.")
 
 
 def _inputs(b, t, seed=0):
@@ -127,10 +130,8 @@ def to_markdown(results) -> str:
 
 
 def main(argv=None):
-    (args,) = HfArgumentParser(ScanBenchArgs).parse_args_into_dataclasses(argv)
+    args = parse_args(ScanBenchArgs, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}.")
     torch.set_num_threads(args.threads)
     if args.quick:
         shapes, chunks, reps, backward_up_to = [(1, 128), (2, 96)], (32, 64), 1, 1024
@@ -138,14 +139,14 @@ def main(argv=None):
         shapes, chunks, reps, backward_up_to = [(4, 512), (1, 2048), (1, 8192)], (32, 64, 128, 256), 3, 2048
     results = {
         "command": " ".join(["python -m eval_harness.bench_scan", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": machine_info(args.threads),
+        "machine": machine(args.threads),
         "reps": reps,
         "rows": measure(shapes, chunks, reps, backward_up_to),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "bench_scan.json", json.dumps(results, indent=2) + "\n")
-    write_atomic(out / "bench_scan.md", to_markdown(results) + "\n")
+    write_json_atomic(out / "bench_scan.json", results)
+    write_text_atomic(out / "bench_scan.md", to_markdown(results) + "\n")
     print(to_markdown(results))
 
 

@@ -1,32 +1,45 @@
-"""CPU speed and memory of HybridMambaForCausalLM against BambaForCausalLM and LlamaForCausalLM.
+"""Speed and memory of HybridMambaForCausalLM against transformers baselines of matched size.
 
     python -m eval_harness.bench_speed [--out results/bench_speed] [--threads 2] [--quick]
+    python -m eval_harness.bench_speed --model RUN/final|PRESET [--baselines llama,bamba,mamba2]
+                                       [--device cpu|cuda] [--out results/bench] [--threads 2] [--quick]
 
-Four models, fp32, random init: ours (hidden 512, 8 layers of which layers 2 and 6 are attention and
-the rest Mamba-2 with 16 heads of 64 and state 128, SwiGLU 1536, vocab 8192, untied); transformers'
-Bamba with the same config (layout and sizes); an equal-size transformers Llama ("llama": same hidden
-size, depth, heads and vocabulary, attention in every layer, MLP widened until its parameter count
-matches ours); and a Llama of ours' shape ("llama_shape": MLP 1536 too, so about 16% fewer
-parameters, because a Mamba-2 mixer of this width has more parameters than an attention mixer).
-The baselines' configs are derived from ours.
+Without --model, the fixed benchmark (`make bench`): four models, fp32, random init: ours (hidden
+512, 8 layers of which layers 2 and 6 are attention and the rest Mamba-2 with 16 heads of 64 and
+state 128, SwiGLU 1536, vocab 8192, untied; BENCH_CONFIG); transformers' Bamba with the same config
+(layout and sizes); an equal-size transformers Llama ("llama": same hidden size, depth, heads and
+vocabulary, attention in every layer, MLP widened until its parameter count matches ours); and a
+Llama of ours' shape ("llama_shape": MLP 1536 too, so about 16% fewer parameters, because a Mamba-2
+mixer of this width has more parameters than an attention mixer).
+
+With --model, a save_pretrained folder (its config.json; the weights are re-initialised at random,
+which does not change speed) or a preset name (configuration/presets.yaml) against --baselines
+(default llama,bamba): llama, llama_shape, bamba (needs no Mamba-1 layers) and mamba2
+(Mamba2ForCausalLM: same hidden size, depth, vocabulary and Mamba-2 mixer sizes; it has no MLP).
+Every baseline's config is derived from ours by modeling.convert.
 
 Measured, with warmup iterations not counted:
 - training step: forward with labels, backward, AdamW step at batch 4 x 512; tokens/s, median;
 - prefill latency (no grad, batch 1, use_cache=False) at 512, 2048 and 8192 tokens; median;
 - one Mamba mixer of ours alone at the same lengths: time per token (constant if linear in length);
 - decode latency per token (no grad, batch 1): a prompt of 128, 1024 or 4096 tokens is prefilled
-  with use_cache=True, then 32 single-token steps are timed one by one; p50/p95/p99;
-- peak memory of the training step: each model trains in a fresh subprocess, which reports
-  ru_maxrss minus its RSS after building the model, and ru_maxrss itself.
-Timing uses time.perf_counter on torch.set_num_threads(--threads). The models take turns inside every
-repetition (and every decode step), so machine noise hits all of them alike. Prefill and decode ask
-for the last token's logits only (logits_to_keep=1), as generate() does.
+  with use_cache=True (its time is the time to first token), then 32 single-token steps are timed
+  one by one; p50/p95/p99;
+- peak memory of the training step: on CPU each model trains in a fresh subprocess, which reports
+  ru_maxrss minus its RSS after building the model, and ru_maxrss itself; on CUDA
+  torch.cuda.max_memory_allocated, one model at a time.
+Timing uses time.perf_counter on torch.set_num_threads(--threads) (CUDA events on --device cuda).
+The models take turns inside every repetition (and every decode step), so machine noise hits all of
+them alike. Prefill and decode ask for the last token's logits only (logits_to_keep=1), as
+generate() does.
 
-Writes bench_speed.json (every raw number, the machine, the plan) and bench_speed.md (one table per
-measurement with a ratio column ours/baseline for each baseline) into --out, and prints the tables.
-A full run should take about 5 minutes on 2 cores (estimated from --quick timings; the 8192-token
-prefills take a third of it); --quick shrinks every size and repetition count for a smoke test of
-well under a minute.
+Writes STEM.json (every raw number, the machine, the plan), STEM.md (one table per measurement with
+a ratio column ours/baseline for each baseline) and STEM.png (prefill, decode p50 and time to first
+token against sequence length, log-log) into --out, and prints the tables; STEM is bench_speed for
+the fixed benchmark (default --out results/bench_speed) and bench with --model (default --out
+results/bench). A full run of the fixed benchmark should take about 5 minutes on 2 cores (estimated
+from --quick timings; the 8192-token prefills take a third of it); --quick shrinks every size and
+repetition count for a smoke test of well under a minute.
 """
 
 import gc
@@ -35,24 +48,22 @@ import json
 import logging
 import multiprocessing
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 from transformers import BambaForCausalLM, HfArgumentParser, LlamaConfig, LlamaForCausalLM, Mamba2ForCausalLM
 
-from configuration import HybridMambaConfig
-from eval_harness.files import write_atomic
+from common.files import save_figure, write_json_atomic, write_text_atomic
+from common.machine import machine
+from configuration import HybridMambaConfig, get_preset
+from configuration.param_counts import total_parameters
 from modeling import HybridMambaForCausalLM
 from modeling.convert import to_bamba_config, to_llama_config, to_mamba2_config
 
@@ -71,7 +82,7 @@ BASELINE_NOTES = {
     "llama_shape": "llama_shape: a Llama of ours' shape (hidden, MLP width, depth), hence smaller.",
     "mamba2": "mamba2: Mamba2ForCausalLM with ours' Mamba-2 sizes and no MLP, hence smaller.",
 }
-# Baselines beyond bench_speed's default set (eval_harness.bench --baselines).
+# Baselines beyond the fixed benchmark's default set (--model ... --baselines).
 ALL_CLASSES = {**MODEL_CLASSES, "mamba2": Mamba2ForCausalLM}
 
 # Names a model's cache goes by, across transformers releases and model classes.
@@ -140,7 +151,19 @@ QUICK_PLAN = Plan(
 
 @dataclass
 class BenchArgs:
-    out: str = field(default="results/bench_speed", metadata={"help": "Folder for bench_speed.json and bench_speed.md."})
+    model: str | None = field(
+        default=None, metadata={"help": "Model folder (config.json) or preset name; unset: the fixed benchmark size (BENCH_CONFIG)."}
+    )
+    baselines: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated: llama, llama_shape, bamba, mamba2. Default: bamba,llama,llama_shape "
+                          "for the fixed size, llama,bamba with --model."},
+    )
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda[:N]."})
+    out: str | None = field(
+        default=None, metadata={"help": "Output folder. Default: results/bench_speed (bench_speed.json, .md, .png), "
+                                        "with --model results/bench (bench.json, .md, .png)."}
+    )
     threads: int = field(default=2, metadata={"help": "torch.set_num_threads here and in the memory subprocesses."})
     quick: bool = field(default=False, metadata={"help": "Smoke-test sizes and repetitions (well under a minute)."})
     seed: int = field(default=0, metadata={"help": "Seed of the weights and of the random token ids."})
@@ -149,23 +172,21 @@ class BenchArgs:
 # Models
 
 
+def check_baselines(baselines: tuple[str, ...]) -> None:
+    choices = set(ALL_CLASSES) - {"ours"}
+    if set(baselines) - choices:
+        raise ValueError(f"unknown baselines {sorted(set(baselines) - choices)}: choose from {sorted(choices)}")
+
+
 def matched_configs(ours: HybridMambaConfig, baselines: tuple[str, ...] = DEFAULT_BASELINES) -> dict:
     """Configs of ours and each baseline with the sizes of `ours` (see MODEL_CLASSES).
 
     The field mapping lives in modeling.convert. Bamba keeps its default RoPE (partial_rotary_factor 0.5)
     and Mamba2 its default biases and dt range, as this benchmark has always measured them.
     """
-    choices = set(ALL_CLASSES) - {"ours"}
-    if set(baselines) - choices:
-        raise ValueError(f"unknown baselines {sorted(set(baselines) - choices)}: choose from {sorted(choices)}")
+    check_baselines(baselines)
     build = {"bamba": to_bamba_config, "llama": equal_size_llama, "llama_shape": to_llama_config, "mamba2": to_mamba2_config}
     return {"ours": ours, **{name: build[name](ours) for name in baselines}}
-
-
-def count_parameters(model_class, config) -> int:
-    """Parameters of a model built on the meta device (no memory, no init)."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in model_class(config).parameters())
 
 
 def equal_size_llama(ours: HybridMambaConfig) -> LlamaConfig:
@@ -173,7 +194,7 @@ def equal_size_llama(ours: HybridMambaConfig) -> LlamaConfig:
     count matches ours (to within one MLP column per layer)."""
     shape = to_llama_config(ours)
     per_column = 3 * shape.hidden_size * shape.num_hidden_layers  # gate, up, down: one column each
-    gap = count_parameters(HybridMambaForCausalLM, ours) - count_parameters(LlamaForCausalLM, shape)
+    gap = total_parameters(HybridMambaForCausalLM, ours) - total_parameters(LlamaForCausalLM, shape)
     return to_llama_config(ours, intermediate_size=max(1, shape.intermediate_size + round(gap / per_column)))
 
 
@@ -410,33 +431,6 @@ def measure_training_memory(configs: dict, plan: Plan, threads: int, seed: int) 
 # Report
 
 
-def machine_info(threads: int) -> dict:
-    cpu = platform.processor() or None
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
-            cwd=Path(__file__).parent, capture_output=True, text=True, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "threads": threads,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": commit,
-    }
-
-
 def _table(title: str, note: str, key: str, rows: list[tuple[str, dict]], fmt: str, ratios: bool = True) -> list[str]:
     names = list(rows[0][1])
     baselines = [n for n in names if n != "ours"]
@@ -450,9 +444,9 @@ def _table(title: str, note: str, key: str, rows: list[tuple[str, dict]], fmt: s
     return lines + [""]
 
 
-def to_markdown(results: dict) -> str:
-    m, p = results["machine"], results["plan"]
-    lines = [
+def _header(results: dict) -> list[str]:
+    m = results["machine"]
+    return [
         f"# Speed ({m.get('device', 'cpu')}): " + " vs ".join(results["parameters"]),
         "",
         f"`{results['command']}` on {m['cpu']} ({m['platform']}), {m['threads']} threads, "
@@ -462,8 +456,12 @@ def to_markdown(results: dict) -> str:
         + ("; CUDA events and max_memory_allocated." if m.get("device", "cpu").startswith("cuda") else "."),
         "",
     ]
-    lines += _table("Parameters", "Counted once per tensor.", "", [("parameters", results["parameters"])], ",", ratios=False)
-    tr = results["training"]
+
+
+def _throughput_tables(results: dict) -> list[str]:
+    """Parameters, training step throughput and prefill latency."""
+    p, tr = results["plan"], results["training"]
+    lines = _table("Parameters", "Counted once per tensor.", "", [("parameters", results["parameters"])], ",", ratios=False)
     lines += _table(
         "Training step throughput (tokens/s, higher is better)",
         f"Forward with labels, backward, AdamW step at batch {p['train_batch']} x {p['train_seq']}; median of "
@@ -481,25 +479,34 @@ def to_markdown(results: dict) -> str:
         [(length, {n: r["median_s"] * 1e3 for n, r in by_model.items()}) for length, by_model in results["prefill"].items()],
         ".1f",
     )
-    if results.get("mamba_mixer"):
-        mix = results["mamba_mixer"]
-        first = next(iter(mix.values()))["us_per_token"]
-        lines += [
-            "## Mamba mixer alone: time per token (us, lower is better)",
-            "",
-            "Ours' first Mamba mixer, batch 1, no grad, forward only, median over the prefill repetitions. "
-            "A scan linear in length keeps this constant; the ratio is to the shortest length.",
-            "",
-            "| tokens | us/token | ratio to " + next(iter(mix)) + " |",
-            "|---|---|---|",
-            *[f"| {length} | {r['us_per_token']:.1f} | {r['us_per_token'] / first:.2f} |" for length, r in mix.items()],
-            "",
-        ]
+    return lines
+
+
+def _mixer_table(mix: dict | None) -> list[str]:
+    if not mix:
+        return []
+    first = next(iter(mix.values()))["us_per_token"]
+    return [
+        "## Mamba mixer alone: time per token (us, lower is better)",
+        "",
+        "Ours' first Mamba mixer, batch 1, no grad, forward only, median over the prefill repetitions. "
+        "A scan linear in length keeps this constant; the ratio is to the shortest length.",
+        "",
+        "| tokens | us/token | ratio to " + next(iter(mix)) + " |",
+        "|---|---|---|",
+        *[f"| {length} | {r['us_per_token']:.1f} | {r['us_per_token'] / first:.2f} |" for length, r in mix.items()],
+        "",
+    ]
+
+
+def _decode_tables(results: dict) -> list[str]:
+    """Decode latency per token and, when measured, time to first token."""
+    p, decode = results["plan"], results["decode"]
     rows = []
-    for prompt_len, by_model in results["decode"].items():
+    for prompt_len, by_model in decode.items():
         for q in ("p50", "p95", "p99"):
             rows.append((f"{prompt_len} {q}", {n: r[f"{q}_s"] * 1e3 for n, r in by_model.items()}))
-    lines += _table(
+    lines = _table(
         "Decode latency per token (ms, lower is better)",
         f"Batch 1, no grad, with a cache after a prompt of the given length; {p['decode_steps']} timed steps "
         "(so p99 is close to the slowest step). Ratios are of times: below 1 means ours is faster.",
@@ -507,19 +514,24 @@ def to_markdown(results: dict) -> str:
         rows,
         ".2f",
     )
-    first = next(iter(results["decode"].values()), {})
+    first = next(iter(decode.values()), {})
     if first and "ttft_s" in next(iter(first.values())):
         lines += _table(
             "Time to first token (ms, lower is better)",
             "Batch 1, no grad: the prompt's prefill with use_cache=True up to the first token's id. "
             "Ratios are of times: below 1 means ours is faster.",
             "prompt",
-            [(prompt_len, {n: r["ttft_s"] * 1e3 for n, r in by_model.items()}) for prompt_len, by_model in results["decode"].items()],
+            [(prompt_len, {n: r["ttft_s"] * 1e3 for n, r in by_model.items()}) for prompt_len, by_model in decode.items()],
             ".1f",
         )
-    mem = results["memory"]
+    return lines
+
+
+def _memory_table(results: dict) -> list[str]:
+    """Peak memory of the training step: max_memory_allocated on CUDA, ru_maxrss on CPU."""
+    p, mem = results["plan"], results["memory"]
     if "peak_allocated_mib" in next(iter(mem.values())):
-        lines += _table(
+        return _table(
             "Training step peak memory (MiB, lower is better)",
             f"torch.cuda.max_memory_allocated over {p['memory_steps']} training steps at batch {p['train_batch']} x "
             f"{p['train_seq']}; 'over model' subtracts the memory allocated after building the model.",
@@ -527,8 +539,7 @@ def to_markdown(results: dict) -> str:
             [("over model", {n: r["peak_over_build_mib"] for n, r in mem.items()}), ("absolute", {n: r["peak_allocated_mib"] for n, r in mem.items()})],
             ".0f",
         )
-        return "\n".join(lines)
-    lines += _table(
+    return _table(
         "Training step peak memory (MiB, lower is better)",
         f"One fresh process per model, {p['memory_steps']} training steps at batch {p['train_batch']} x {p['train_seq']}. "
         "'over model' is ru_maxrss minus the RSS after building the model (activations, gradients, AdamW state); "
@@ -537,8 +548,11 @@ def to_markdown(results: dict) -> str:
         [("over model", {n: r["peak_over_build_mib"] for n, r in mem.items()}), ("absolute", {n: r["peak_rss_mib"] for n, r in mem.items()})],
         ".0f",
     )
-    return "\n".join(lines)
 
+
+def to_markdown(results: dict) -> str:
+    lines = _header(results) + _throughput_tables(results) + _mixer_table(results.get("mamba_mixer"))
+    return "\n".join(lines + _decode_tables(results) + _memory_table(results))
 
 
 def run_benchmark(
@@ -564,7 +578,7 @@ def run_benchmark(
     try:
         results = {
             "command": command or " ".join(["python -m eval_harness.bench_speed", *sys.argv[1:]]),
-            "machine": {**machine_info(threads), "device": device}
+            "machine": {**machine(threads), "device": device}
             | ({"gpu": torch.cuda.get_device_name(device)} if device.startswith("cuda") else {}),
             "plan": asdict(plan),
             # parse_constant: the time-step limits hold inf, which strict JSON lacks; keep it as a string
@@ -577,7 +591,7 @@ def run_benchmark(
         else:
             results["memory"] = measure_training_memory(configs, plan, threads, seed)
         models = {name: build_model(name, cfg, seed, device) for name, cfg in configs.items()}
-        results["parameters"] = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+        results["parameters"] = {name: total_parameters(ALL_CLASSES[name], cfg) for name, cfg in configs.items()}
         logger.info("parameters: %s", ", ".join(f"{n} {c / 1e6:.2f}M" for n, c in results["parameters"].items()))
         results["training"] = measure_training(models, plan, seed)
         results["prefill"] = measure_prefill(models, plan, seed)
@@ -586,20 +600,77 @@ def run_benchmark(
     finally:
         torch.set_num_threads(previous_threads)
     results["elapsed_s"] = time.perf_counter() - start
-    write_atomic(out / f"{stem}.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
-    write_atomic(out / f"{stem}.md", to_markdown(results) + "\n")
+    write_json_atomic(out / f"{stem}.json", results, allow_nan=False)
+    write_text_atomic(out / f"{stem}.md", to_markdown(results) + "\n")
     logger.info("wrote %s and %s in %.0f s", out / f"{stem}.json", out / f"{stem}.md", results["elapsed_s"])
+    return results
+
+
+def resolve_config(model: str) -> HybridMambaConfig:
+    """The config of a saved folder, or a preset's."""
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: no config.json; pass a save_pretrained folder or a preset name")
+        return HybridMambaConfig.from_pretrained(str(path))
+    try:
+        return get_preset(model)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"--model {model!r} is neither a folder nor a preset: {e}") from e
+
+
+def plot(results: dict, path: Path) -> None:
+    """Prefill, decode p50 and time to first token against sequence length (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("prefill (ms)", "tokens", results["prefill"], "median_s"),
+        ("decode per token, p50 (ms)", "context tokens", results["decode"], "p50_s"),
+        ("time to first token (ms)", "prompt tokens", results["decode"], "ttft_s"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5))
+    for ax, (title, xlabel, by_len, key) in zip(axes, panels):
+        lengths = sorted(by_len, key=int)
+        for name in results["parameters"]:
+            ax.plot([int(n) for n in lengths], [by_len[n][name][key] * 1e3 for n in lengths], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel)
+    axes[0].legend(fontsize=8)
+    m = results["machine"]
+    fig.suptitle(f"{m.get('gpu') or m['cpu']}, {m['threads']} threads, {m.get('device', 'cpu')}", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def run(args: BenchArgs) -> dict:
+    """The fixed benchmark (no --model) or one of a folder or preset; writes STEM.json, .md and .png."""
+    default_baselines = ",".join(DEFAULT_BASELINES) if args.model is None else "llama,bamba"
+    baselines = tuple(b.strip() for b in (args.baselines or default_baselines).split(",") if b.strip())
+    check_baselines(baselines)
+    if args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}.")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available")
+    import matplotlib  # noqa: F401  (the plot at the end needs it: fail before the benchmark, not after)
+
+    config = HybridMambaConfig(**BENCH_CONFIG) if args.model is None else resolve_config(args.model)
+    stem = "bench_speed" if args.model is None else "bench"
+    out = Path(args.out or f"results/{stem}")
+    plan = QUICK_PLAN if args.quick else Plan()
+    results = run_benchmark(config, plan, out, args.threads, args.seed, baselines=baselines, device=args.device, stem=stem)
+    plot(results, out / f"{stem}.png")
     return results
 
 
 def main(argv=None):
     (args,) = HfArgumentParser(BenchArgs).parse_args_into_dataclasses(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}.")
-    plan = QUICK_PLAN if args.quick else Plan()
-    results = run_benchmark(HybridMambaConfig(**BENCH_CONFIG), plan, Path(args.out), args.threads, args.seed)
-    print(to_markdown(results))
+    print(to_markdown(run(args)))
 
 
 if __name__ == "__main__":

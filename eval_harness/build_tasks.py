@@ -21,13 +21,14 @@ for a recipe and seed, so `make demo`'s data reproduces the shipped files).
 
 import json
 import logging
-import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import AutoTokenizer, HfArgumentParser
+from transformers import AutoTokenizer
+
+from common.args import parse_args
+from common.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -117,12 +118,7 @@ def build(args: BuildArgs) -> dict[str, int]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("heldout_ppl.jsonl", ppl), ("heldout_mc.jsonl", mc)):
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out / name)
+        write_text_atomic(out / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     counts = {"heldout_ppl": len(ppl), "heldout_mc": len(mc)}
     logger.info("wrote %s into %s", counts, out)
     return counts
@@ -130,7 +126,7 @@ def build(args: BuildArgs) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    (args,) = HfArgumentParser(BuildArgs).parse_args_into_dataclasses(args=argv)
+    args = parse_args(BuildArgs, argv)
     build(args)
 
 

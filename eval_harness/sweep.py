@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import HfArgumentParser
-
-from eval_harness.files import save_figure, write_atomic
+from common.args import parse_args
+from common.files import save_figure, write_json_atomic, write_text_atomic
+from common.lm_eval_results import metric_values
+from common.stats import summarize
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def write_json(path: Path, obj: Any) -> None:
     """Write through a temporary file and a rename, so a killed run never leaves half a file."""
     from lm_eval.utils import handle_non_serializable
 
-    write_atomic(path, json.dumps(obj, indent=2, default=handle_non_serializable))
+    write_json_atomic(path, obj, default=handle_non_serializable)
 
 
 def cell_settings(args: SweepArgs) -> dict:
@@ -150,34 +151,6 @@ def run_cell(lm, task: str, seed: int, args: SweepArgs, task_manager) -> dict:
     return res
 
 
-def metric_values(res: dict) -> dict[str, dict[str, tuple[float, float | None]]]:
-    """{task: {metric: (value, lm-eval stderr or None)}} from a results dict (numeric metrics only)."""
-    out: dict[str, dict[str, tuple[float, float | None]]] = {}
-    for task, metrics in res.get("results", {}).items():
-        for key, val in metrics.items():
-            if "," not in key or "_stderr," in key or not isinstance(val, (int, float)) or isinstance(val, bool):
-                continue
-            name, filt = key.split(",", 1)
-            se = metrics.get(f"{name}_stderr,{filt}")
-            label = name if filt == "none" else f"{name} ({filt})"
-            out.setdefault(task, {})[label] = (float(val), float(se) if isinstance(se, (int, float)) else None)
-    return out
-
-
-def summarize(values: list[float]) -> dict[str, Any]:
-    """Mean, sample std, standard error and 95% t-interval of per-seed values."""
-    from scipy import stats
-
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return {"n": n, "mean": mean, "std": None, "stderr": None, "ci95": None}
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    se = std / math.sqrt(n)
-    h = stats.t.ppf(0.975, n - 1) * se
-    return {"n": n, "mean": mean, "std": std, "stderr": se, "ci95": [mean - h, mean + h]}
-
-
 def aggregate(cells: dict[tuple[str, str, int], dict]) -> dict[str, dict[str, dict[str, dict]]]:
     """{model: {task: {metric: summary + per-seed values}}} from {(model, task, seed): results}."""
     grouped: dict[str, dict[str, dict[str, dict[int, tuple[float, float | None]]]]] = {}
@@ -190,8 +163,8 @@ def aggregate(cells: dict[tuple[str, str, int], dict]) -> dict[str, dict[str, di
         for task, metrics in tasks.items():
             for metric, by_seed in metrics.items():
                 seeds = sorted(by_seed)
-                s = summarize([by_seed[k][0] for k in seeds])
-                s.update(seeds=seeds, values=[by_seed[k][0] for k in seeds], lm_eval_stderr=[by_seed[k][1] for k in seeds])
+                s = summarize([by_seed[k][0] for k in seeds])  # values: per seed, None where not finite
+                s.update(seeds=seeds, lm_eval_stderr=[by_seed[k][1] for k in seeds])
                 out.setdefault(model, {}).setdefault(task, {})[metric] = s
     return out
 
@@ -214,7 +187,7 @@ def markdown_table(agg: dict, skipped: dict[str, str], errors: list[dict], model
             if s is None:
                 cells.append("-")
             elif s["ci95"] is None:
-                cells.append(f"{_fmt(s['mean'])} (n=1)")
+                cells.append(f"{_fmt(s['mean'])} (n={s['n']})")
             else:
                 cells.append(f"{_fmt(s['mean'])} ± {_fmt(s['stderr'])} [{_fmt(s['ci95'][0])}, {_fmt(s['ci95'][1])}] (n={s['n']})")
         lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
@@ -243,7 +216,7 @@ def plot(agg: dict, path: Path) -> None:
         means, errs = [], []
         for mod in models:
             s = agg[mod].get(task, {}).get(metric)
-            means.append(s["mean"] if s else float("nan"))
+            means.append(s["mean"] if s and s["mean"] is not None else float("nan"))
             errs.append(s["ci95"][1] - s["mean"] if s and s["ci95"] else 0.0)
         ax.bar(range(len(models)), means, yerr=errs, capsize=4)
         ax.set_xticks(range(len(models)), ["/".join(Path(m).parts[-2:]) for m in models], rotation=20, fontsize=7)
@@ -322,7 +295,7 @@ def sweep(args: SweepArgs) -> dict:
     }
     write_json(out / "results.json", summary)
     table = markdown_table(agg, skipped, errors, args.models)
-    write_atomic(out / "results.md", table)
+    write_text_atomic(out / "results.md", table)
     plot(agg, out / "results.png")
     logger.info("wrote %s, results.md, results.png", out / "results.json")
     return summary
@@ -330,7 +303,7 @@ def sweep(args: SweepArgs) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    (args,) = HfArgumentParser(SweepArgs).parse_args_into_dataclasses(args=argv)
+    args = parse_args(SweepArgs, argv)
     summary = sweep(args)
     print(markdown_table(summary["results"], summary["skipped_tasks"], summary["errors"], summary["models"]))
 

@@ -48,51 +48,6 @@ class CardInputs:
 # artefact readers
 
 
-def read_lm_eval_results(path: Path) -> dict:
-    """lm-eval native results (a results_*.json file or a folder of them) -> {task: {metric: (value, stderr)}}.
-
-    Later files (by name, which lm-eval stamps with the time) override earlier ones for the same task.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"--eval {path} does not exist")
-    files = [path] if path.is_file() else sorted(path.rglob("*.json"))
-    tasks: dict = {}
-    for file in files:
-        data = json.loads(file.read_text())
-        if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
-            if path.is_file():
-                raise ValueError(f"{file} is not an lm-eval results file (no 'results' mapping)")
-            continue
-        for task, metrics in data["results"].items():
-            if not isinstance(metrics, dict):
-                continue
-            row = {}
-            for key, value in metrics.items():
-                if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
-                    continue
-                name, filt = key.split(",", 1)
-                stderr = metrics.get(f"{name}_stderr,{filt}")
-                row[name if filt == "none" else f"{name} ({filt})"] = (float(value), stderr if isinstance(stderr, (int, float)) else None)
-            if row:
-                tasks[task] = row
-    if not tasks:
-        raise ValueError(f"no lm-eval results found in {path}")
-    return tasks
-
-
-def read_lm_eval_documents(path: Path) -> dict:
-    """{task: (documents evaluated, documents in the task)} from lm-eval's n-samples (fewer when run with --limit)."""
-    path = Path(path)
-    docs = {}
-    for file in [path] if path.is_file() else sorted(path.rglob("*.json")):
-        data = json.loads(file.read_text())
-        for task, n in (data.get("n-samples") or {}).items() if isinstance(data, dict) else ():
-            if isinstance(n, dict) and "effective" in n:
-                docs[task] = (n["effective"], n.get("original"))
-    return docs
-
-
 def read_bench(path: Path) -> dict:
     data = json.loads(Path(path).read_text())
     missing = [k for k in ("machine", "configs", "training", "prefill", "decode", "memory") if k not in data]

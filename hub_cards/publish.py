@@ -11,7 +11,6 @@ credentials, then committed and tagged in a git repository (a local path, create
 git remote, cloned and pushed) or uploaded to the Hugging Face Hub with HfApi.
 """
 
-import argparse
 import json
 import logging
 import os
@@ -19,15 +18,16 @@ import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from common import lm_eval_results
+from common.args import parse_args
 
 from .card import (
     CardInputs,
     build_card,
     read_bench,
-    read_lm_eval_documents,
-    read_lm_eval_results,
     read_run_config,
     read_transformers_range,
 )
@@ -53,6 +53,8 @@ class PublishError(RuntimeError):
 
 @dataclass
 class PublishArgs:
+    """Publish a model or PEFT adapter folder, with its card, to a local or remote git repository or the Hub."""
+
     model: str = field(metadata={"help": "A save_pretrained folder (RUN/final) or a PEFT adapter folder."})
     to: str = field(metadata={"help": "Target: a local path or git remote URL, or hf://owner/name for the Hugging Face Hub."})
     eval: str | None = field(default=None, metadata={"help": "lm-eval native results JSON, or a folder of them."})
@@ -66,6 +68,12 @@ class PublishArgs:
     name: str | None = field(default=None, metadata={"help": "Model name in the card; default: the target's last path component."})
     license: str = field(default="apache-2.0", metadata={"help": "Licence of the published weights (card metadata)."})
     stage: str | None = field(default=None, metadata={"help": "Keep the staging folder here (must not exist); default: a temporary folder."})
+
+    def __post_init__(self):
+        if not re.fullmatch(r"\d+(\.\d+)?\s*[KMG]i?B", self.shard_size, flags=re.I):
+            raise ValueError(f"--shard-size {self.shard_size!r}: expected a size such as 500MB or 2GB")
+        if is_hub_target(self.to):
+            hub_repo_id(self.to)
 
 
 def is_hub_target(target: str) -> bool:
@@ -94,8 +102,6 @@ def check_args(args: PublishArgs) -> dict:
         raise FileNotFoundError(f"--model {model}: neither config.json (a save_pretrained folder) nor adapter_config.json (a PEFT adapter)")
     if adapter and not (model / "adapter_model.safetensors").is_file():
         raise FileNotFoundError(f"--model {model}: adapter_config.json without adapter_model.safetensors")
-    if not re.fullmatch(r"\d+(\.\d+)?\s*[KMG]i?B", args.shard_size, flags=re.I):
-        raise ValueError(f"--shard-size {args.shard_size!r}: expected a size such as 500MB or 2GB")
     run = Path(args.run) if args.run else (model.parent if (model.parent / "summary.json").is_file() else None)
     if run is not None and not (run / "summary.json").is_file():
         raise FileNotFoundError(f"--run {run} has no summary.json")
@@ -107,9 +113,7 @@ def check_args(args: PublishArgs) -> dict:
             raise FileNotFoundError(f"{flag} {value} does not exist")
     if args.stage and Path(args.stage).exists():
         raise FileExistsError(f"--stage {args.stage} already exists")
-    if is_hub_target(args.to):
-        hub_repo_id(args.to)
-    elif not is_remote_git(args.to):
+    if not is_hub_target(args.to) and not is_remote_git(args.to):  # a Hub target's name: PublishArgs.__post_init__
         target = Path(args.to)
         if target.exists() and any(target.iterdir()) and not (target / ".git").exists():
             raise PublishError(f"--to {target} exists, is not empty and is not a git repository")
@@ -174,8 +178,8 @@ def _card_inputs(args: PublishArgs, paths: dict, stage: Path, repo_name: str) ->
         inp.summary = json.loads((run / "summary.json").read_text())
         inp.metrics_path = run / "metrics.jsonl" if (run / "metrics.jsonl").is_file() else None
     if args.eval:
-        inp.eval_results, inp.eval_source = read_lm_eval_results(Path(args.eval)), args.eval
-        inp.eval_documents = read_lm_eval_documents(Path(args.eval))
+        inp.eval_results, inp.eval_source = lm_eval_results.read_results(Path(args.eval)), args.eval
+        inp.eval_documents = lm_eval_results.read_documents(Path(args.eval))
     if args.bench:
         inp.bench, inp.bench_source = read_bench(Path(args.bench)), args.bench
     return inp
@@ -300,19 +304,9 @@ def publish(args: PublishArgs) -> dict:
     return result
 
 
-def parse_args(argv=None) -> PublishArgs:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(PublishArgs):
-        required = f.default is MISSING
-        flag = "--" + f.name.replace("_", "-")
-        kwargs = dict(help=f.metadata["help"], dest=f.name)
-        parser.add_argument(flag, required=True, **kwargs) if required else parser.add_argument(flag, default=f.default, **kwargs)
-    return PublishArgs(**vars(parser.parse_args(argv)))
-
-
 def main(argv=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    result = publish(parse_args(argv))
+    result = publish(parse_args(PublishArgs, argv))
     print(json.dumps({k: v for k, v in result.items() if k != "files"}, indent=2))
     print("files: " + ", ".join(result["files"]))
     return result

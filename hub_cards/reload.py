@@ -2,24 +2,26 @@
 
     python -m hub_cards.reload --repo runs/tiny-repo --clone runs/tiny-repo-clone [--prompt TEXT] [--tokens N]
 
-The child process blocks this repo's packages (configuration, modeling, trainers, data_scripts,
+The child process blocks this repo's packages (common, configuration, modeling, trainers, data_scripts,
 eval_harness, hub_cards), runs outside it without PYTHONPATH, loads model and tokenizer with
 trust_remote_code=True from the clone and prints a greedy sample: what a user of the repo gets. The
 sample is generated with the cache and without it; if they differ, reload fails.
 """
 
-import argparse
 import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from common.args import parse_args
 
 logger = logging.getLogger(__name__)
 
-REPO_PACKAGES = ("configuration", "modeling", "trainers", "data_scripts", "eval_harness", "hub_cards")
+REPO_PACKAGES = ("common", "configuration", "modeling", "trainers", "data_scripts", "eval_harness", "hub_cards")
 CHILD = """
 import importlib.abc, sys
 class BlockRepo(importlib.abc.MetaPathFinder):
@@ -81,13 +83,18 @@ def reload(repo: str, clone: Path, prompt: str, tokens: int) -> tuple[str, str, 
     return module, sample.strip(), n_new
 
 
+@dataclass
+class ReloadArgs:
+    """Clone a published git repo and load it, with a greedy sample, in a fresh process that cannot import this repository."""
+
+    repo: str = field(metadata={"help": "The published git repo (path or URL)."})
+    clone: Path = field(metadata={"help": "Where to clone it (replaced if present)."})
+    prompt: str = field(default="To be, or not to be", metadata={"help": "Prompt of the sample."})
+    tokens: int = field(default=40, metadata={"help": "Greedy tokens to generate."})
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repo", required=True, help="The published git repo (path or URL).")
-    parser.add_argument("--clone", type=Path, required=True, help="Where to clone it (replaced if present).")
-    parser.add_argument("--prompt", default="To be, or not to be", help="Prompt of the sample.")
-    parser.add_argument("--tokens", type=int, default=40, help="Greedy tokens to generate.")
-    args = parser.parse_args(argv)
+    args = parse_args(ReloadArgs, argv)
     module, sample, n_new = reload(args.repo, args.clone, args.prompt, args.tokens)
     print(f"cloned {args.repo} into {args.clone}; loaded in a fresh process without this repo (classes from {module})")
     print(f"sample ({n_new} new tokens, the same with and without the cache): {sample!r}")

@@ -2,21 +2,16 @@
 
 Every file about to be published (and every input file the card is built from) is checked: files
 named like environment files (`.env`, `.env.local`, `prod.env`), and text files holding token-shaped
-strings (Hugging Face, AWS, GitHub, OpenAI-style keys, private-key blocks) or the value of `HF_TOKEN`
-itself. Binary weight files are skipped: their bytes are numbers, not text.
+strings (the key shapes of common/credentials.py: Hugging Face, AWS, GitHub, OpenAI-style, Slack,
+Google, Stripe keys, JWTs, private-key blocks) or the value of `HF_TOKEN` itself. Binary weight
+files are skipped: their bytes are numbers, not text.
 """
 
 import os
-import re
 from pathlib import Path
 
-TOKEN_PATTERNS = {
-    "Hugging Face token": re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"),
-    "AWS access key id": re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
-    "private key": re.compile(r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----"),
-    "GitHub token": re.compile(r"\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36,}\b|\bgithub_pat_[A-Za-z0-9_]{40,}\b"),
-    "API secret key": re.compile(r"\bsk-(?:proj-)?[A-Za-z0-9_-]{32,}\b"),
-}
+from common.credentials import find_key
+
 BINARY_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".png", ".jpg", ".jpeg", ".gif", ".pkl", ".arrow", ".parquet", ".npy", ".npz"}
 
 
@@ -39,9 +34,8 @@ def find_credential(path: Path) -> str | None:
     if b"\0" in data[:8192]:
         return None
     text = data.decode("utf-8", errors="replace")
-    for what, pattern in TOKEN_PATTERNS.items():
-        if pattern.search(text):
-            return f"a {what}-shaped string"
+    if (what := find_key(text)) is not None:
+        return f"a {what}-shaped string"
     token = os.environ.get("HF_TOKEN", "")
     if len(token) >= 8 and token in text:
         return "the value of HF_TOKEN"

@@ -1,6 +1,6 @@
 """Convert transformers Llama, Mamba and Mamba-2 causal LMs into `HybridMambaForCausalLM`, weight for weight.
 
-    python -m modeling.convert SRC_DIR OUT_DIR [--dtype float32|bfloat16|float16]
+    python -m modeling.convert --src SRC_DIR --out OUT_DIR [--dtype float32|bfloat16|float16]
 
 `LlamaForCausalLM` becomes an all-"attention" stack, `MambaForCausalLM` an all-"mamba1" stack and
 `Mamba2ForCausalLM` an all-"mamba2" stack, both without MLPs (`intermediate_size=0`). From Python,
@@ -10,10 +10,11 @@ weights load with `strict=True`, so a source tensor without a place (or a place 
 The CLI also copies the tokenizer when the source folder has one that `AutoTokenizer` can load.
 """
 
-import argparse
 import logging
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import (
@@ -27,6 +28,7 @@ from transformers import (
     MambaForCausalLM,
 )
 
+from common.args import parse_args
 from configuration.configuration_hybrid_mamba import HybridMambaConfig
 from modeling.modeling_hybrid_mamba import HybridMambaForCausalLM
 
@@ -295,12 +297,17 @@ def copy_tokenizer(src_dir: Path, out_dir: Path):
     logger.info("Copied the tokenizer (%s) to %s.", type(tokenizer).__name__, out_dir)
 
 
+@dataclass
+class ConvertArgs:
+    """Convert a saved Llama, Mamba or Mamba-2 causal LM folder into a HybridMambaForCausalLM folder."""
+
+    src: Path = field(metadata={"help": "Saved LlamaForCausalLM, MambaForCausalLM or Mamba2ForCausalLM folder."})
+    out: Path = field(metadata={"help": "Output folder for the HybridMambaForCausalLM (with remote code)."})
+    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "dtype of the saved weights."})
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", type=Path, help="saved LlamaForCausalLM, MambaForCausalLM or Mamba2ForCausalLM folder")
-    parser.add_argument("out", type=Path, help="output folder for the HybridMambaForCausalLM (with remote code)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the saved weights")
-    args = parser.parse_args(argv)
+    args = parse_args(ConvertArgs, argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     if not (args.src / "config.json").is_file():

@@ -8,7 +8,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from trainers.args import PretrainArgs, parse_args
+from common.args import parse_args
+from trainers.args import PretrainArgs
 import trainers.checkpoint
 from trainers.checkpoint import RECORD, CheckpointError, CheckpointManager
 

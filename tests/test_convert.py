@@ -143,7 +143,7 @@ def test_cli_end_to_end(tmp_path):
     _save_tiny_tokenizer(tmp_path / "src")
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "modeling.convert", str(tmp_path / "src"), str(out), "--dtype", "float32"],
+        [sys.executable, "-m", "modeling.convert", "--src", str(tmp_path / "src"), "--out", str(out), "--dtype", "float32"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr

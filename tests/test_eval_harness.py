@@ -13,7 +13,8 @@ from conftest import tiny_config
 from transformers import AutoTokenizer
 
 from eval_harness import sweep as sweep_mod
-from eval_harness.sweep import SweepArgs, TASKS_DIR, aggregate, summarize
+from common.stats import summarize
+from eval_harness.sweep import SweepArgs, TASKS_DIR, aggregate
 from modeling import HybridMambaForCausalLM
 
 TASKS = "demo_heldout_ppl,demo_heldout_mc"

@@ -15,9 +15,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from modeling import HybridMambaForCausalLM, HybridMambaForSequenceClassification
 from trainers import finetune
-from trainers.args import FinetuneArgs, parse_args
-from trainers.chat_data import collate_chat, load_chat, read_chat_jsonl, tokenize_chat
+from common.args import parse_args
+from trainers.args import FinetuneArgs
+from trainers.chat_data import load_chat, read_chat_jsonl, tokenize_chat
 from trainers.cls_data import GLUE_TASKS, load_examples
+from trainers.collate import right_pad
 from trainers.demo_base import build_tokenizer
 from trainers.peft_targets import available_targets, resolve_targets, target_module_names
 from trainers.rank_allocation import allocate_ranks, measure_importance, rank_and_alpha_patterns, uniform_budget
@@ -158,7 +160,7 @@ def test_chat_masking_puts_loss_only_on_assistant_tokens(tokenizer, template, ex
     runs = "".join("a" if label != -100 else "." for label in labels)
     assert runs.count(".a") == 2  # two separate assistant spans
     # the model's loss is the mean over exactly those tokens
-    batch = collate_chat(tokenizer.pad_token_id)([{k: torch.tensor(v) for k, v in row.items()}])
+    batch = right_pad(tokenizer.pad_token_id)([{k: torch.tensor(v) for k, v in row.items()}])
     model = HybridMambaForCausalLM(tiny_config("hybrid", vocab_size=len(tokenizer)))
     with torch.no_grad():
         out = model(**batch)
@@ -214,7 +216,7 @@ def test_lora_chat_run_saves_the_adapter_alone_and_it_loads_onto_the_base(tmp_pa
 
     model = PeftModel.from_pretrained(HybridMambaForCausalLM.from_pretrained(base), final)
     val_ds, _ = load_chat(val_file, tokenizer, 512)
-    loader = torch.utils.data.DataLoader(val_ds, batch_size=8, collate_fn=collate_chat(tokenizer.pad_token_id))
+    loader = torch.utils.data.DataLoader(val_ds, batch_size=8, collate_fn=right_pad(tokenizer.pad_token_id))
     from accelerate import Accelerator
 
     val = evaluate(model, loader, Accelerator(cpu=True))
@@ -326,12 +328,12 @@ def test_shipped_configs_parse():
 
 
 def test_seed_statistics():
-    from trainers.stats import paired, summarize
+    from common.stats import paired, summarize
 
     s = summarize([1.0, 2.0, 3.0])
     assert (s["mean"], s["std"], s["n"]) == (2.0, 1.0, 3)
     assert s["ci95"] == pytest.approx([2 - 4.302653 / 3**0.5, 2 + 4.302653 / 3**0.5])  # t(0.975, 2 dof)
-    assert math.isnan(summarize([0.5])["std"])
+    assert summarize([0.5])["std"] is None  # one value has no spread (common/stats.py: None, never NaN)
     p = paired([0.1, -0.2, 0.0, 0.3])
     assert (p["above"], p["below"], p["zero"]) == (2, 1, 1) and 0 < p["wilcoxon_p"] <= 1
 

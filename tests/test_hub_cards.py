@@ -14,7 +14,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoTokenizer
 
 from hub_cards import publish as pub
-from hub_cards.card import read_lm_eval_results
+from common.lm_eval_results import read_results as read_lm_eval_results
 from hub_cards.secrets import CredentialError
 from modeling import HybridMambaForCausalLM
 

@@ -15,7 +15,8 @@ import torch
 import yaml
 from accelerate.state import AcceleratorState
 
-from trainers.args import PretrainArgs, parse_args
+from common.args import parse_args
+from trainers.args import PretrainArgs
 from trainers.checkpoint import CheckpointError, CheckpointManager
 from trainers.data import collate_packed, load_packed
 from trainers.loop import make_accelerator, param_groups, train

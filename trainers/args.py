@@ -2,22 +2,15 @@
 
     accelerate launch -m trainers.pretrain --config trainers/configs/tiny.yaml --learning_rate 3e-4
 
-Every field is documented in its dataclass (`--help` prints them). A field name that does not exist,
-in the YAML file or on the command line, is an error listing the valid names.
+Every field is documented in its dataclass (`--help` prints them); common/args.py's `parse_args` reads
+them. A field name that does not exist, in the YAML file or on the command line, is an error listing the
+valid names; checks on values that need no file live in `__post_init__`.
 """
 
-import difflib
-import sys
-from dataclasses import MISSING, dataclass, field, fields
-from pathlib import Path
-from typing import TypeVar
-
-import yaml
-from transformers import HfArgumentParser
+from dataclasses import dataclass, field
+from typing import Literal
 
 from .qlora import DEFAULT_SKIP_MODULES
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -45,7 +38,7 @@ class TrainArgs:
     resume: bool = field(default=True, metadata={"help": "Resume from the newest complete checkpoint in output_dir."})
     log_every: int = field(default=10, metadata={"help": "Log training metrics every N steps."})
     log_with: list[str] = field(default_factory=list, metadata={"help": "accelerate trackers: tensorboard, wandb, mlflow, all."})
-    mixed_precision: str = field(default="auto", metadata={"help": "no, bf16, fp16, or auto (bf16 on CUDA, no on CPU)."})
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(default="auto", metadata={"help": "no, bf16, fp16, or auto (bf16 on CUDA, no on CPU)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward pass."})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     peak_tflops: float | None = field(default=None, metadata={"help": "Peak TFLOP/s per process for MFU; measured (matmul) on CPU, known GPUs looked up."})
@@ -63,63 +56,22 @@ class PretrainArgs(TrainArgs):
     sample_tokens: int = field(default=60, metadata={"help": "Tokens generated for the sample."})
 
 
-def _unknown(names, valid, where: str) -> ValueError:
-    hints = []
-    for name in names:
-        close = difflib.get_close_matches(name, valid, n=1)
-        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return ValueError(f"Unknown field(s) {', '.join(hints)} in {where}. Valid fields: {', '.join(sorted(valid))}.")
-
-
-def parse_args(cls: type[T], argv: list[str] | None = None) -> T:
-    """`--config FILE.yaml` gives the values, other `--field value` flags override them."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    valid = [f.name for f in fields(cls)]
-    config = {}
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise ValueError("--config needs a YAML file path.")
-        path = Path(argv[i + 1])
-        if not path.is_file():
-            raise FileNotFoundError(f"Config file {path} does not exist.")
-        del argv[i : i + 2]
-        config = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(config, dict):
-            raise ValueError(f"{path} must hold a mapping of field: value.")
-        if bad := [k for k in config if k not in valid]:
-            raise _unknown(bad, valid, str(path))
-    flags = [a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--") and a != "--help"]
-    if bad := [f for f in flags if f not in valid]:
-        raise _unknown(bad, valid, "the command line")
-    parser = HfArgumentParser(cls)
-    parser.set_defaults(**config)
-    missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING and f.name not in config]
-    if missing:
-        raise ValueError(f"Missing required field(s): {missing}.")
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
-    for f in fields(cls):  # dict fields come from the YAML only
-        if f.name in config and isinstance(config[f.name], dict):
-            setattr(args, f.name, config[f.name])
-    return args
-
-
 @dataclass
 class FinetuneArgs(TrainArgs):
     """Fine-tuning a saved model (LoRA, QLoRA or all weights) on chat or classification data."""
 
     base_model: str = field(default="", metadata={"help": "save_pretrained folder of the base model (e.g. runs/tiny/final)."})
     tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer folder; the base model's folder when unset."})
-    task: str = field(default="chat", metadata={"help": "chat (instruction tuning, loss on assistant tokens) or classification."})
+    task: Literal["chat", "classification"] = field(default="chat", metadata={"help": "chat (instruction tuning, loss on assistant tokens) or classification."})
     train_file: str | None = field(default=None, metadata={"help": "chat: JSONL of {messages}; classification: TSV with header, or JSONL."})
     validation_file: str | None = field(default=None, metadata={"help": "Held-out file in the train_file format."})
     max_seq_len: int = field(default=512, metadata={"help": "Tokens per sequence; longer ones are cut."})
-    adapter: str = field(default="lora", metadata={"help": "lora, qlora (4-bit NF4 base, needs bitsandbytes) or none (all weights)."})
+    adapter: Literal["lora", "qlora", "none"] = field(default="lora", metadata={"help": "lora, qlora (4-bit NF4 base, needs bitsandbytes) or none (all weights)."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (the uniform rank, and the budget of importance allocation)."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; every module keeps the scaling lora_alpha / lora_r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
     lora_target_modules: list[str] = field(default_factory=list, metadata={"help": "Targets (trainers/peft_targets.py): names like in_proj or mamba.out_proj, groups attention/mlp/mamba/all; empty: the default map."})
-    rank_allocation: str = field(default="uniform", metadata={"help": "uniform, or importance: ranks from gradient spectra at the same parameter budget."})
+    rank_allocation: Literal["uniform", "importance"] = field(default="uniform", metadata={"help": "uniform, or importance: ranks from gradient spectra at the same parameter budget."})
     importance_batches: int = field(default=8, metadata={"help": "Training batches used to measure importance."})
     lora_rank_min: int = field(default=1, metadata={"help": "Smallest rank importance allocation gives a target module."})
     lora_rank_max: int | None = field(default=None, metadata={"help": "Largest rank importance allocation gives (default 4 * lora_r)."})
@@ -127,4 +79,8 @@ class FinetuneArgs(TrainArgs):
     classification_task: str = field(default="sst2", metadata={"help": "A GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) or your own name."})
     text_columns: list[str] = field(default_factory=list, metadata={"help": "Text column(s) of a task of your own (GLUE tasks know theirs)."})
     num_labels: int | None = field(default=None, metadata={"help": "Classes of a task of your own; 1 is regression."})
-    data_source: str = field(default="auto", metadata={"help": "classification: local, hub (GLUE from the Hub), auto (the Hub when reachable, else local files)."})
+    data_source: Literal["auto", "local", "hub"] = field(default="auto", metadata={"help": "classification: local, hub (GLUE from the Hub), auto (the Hub when reachable, else local files)."})
+
+    def __post_init__(self):
+        if self.rank_allocation == "importance" and self.adapter == "none":
+            raise ValueError("rank_allocation: importance needs adapter lora or qlora.")

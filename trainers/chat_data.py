@@ -23,7 +23,6 @@ import logging
 import re
 from pathlib import Path
 
-import torch
 from datasets import Dataset
 
 logger = logging.getLogger(__name__)
@@ -150,20 +149,3 @@ def load_chat(path, tokenizer, max_seq_len: int) -> tuple[Dataset, list[str]]:
     if not rows:
         raise ValueError(f"{path} has no usable conversation ({len(problems)} malformed record(s); first: {problems[:1]}).")
     return Dataset.from_list(rows).with_format("torch"), problems
-
-
-def collate_chat(pad_token_id: int):
-    """Right padding to the longest row: pads are ignored by the loss, and a causal model's outputs
-    at real tokens do not depend on what follows them."""
-
-    def collate(rows: list[dict]) -> dict:
-        n = max(len(r["input_ids"]) for r in rows)
-        input_ids = torch.full((len(rows), n), pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), n), -100, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), n), dtype=torch.long)
-        for i, r in enumerate(rows):
-            t = len(r["input_ids"])
-            input_ids[i, :t], labels[i, :t], attention_mask[i, :t] = r["input_ids"], r["labels"], 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-
-    return collate

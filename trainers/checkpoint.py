@@ -22,6 +22,8 @@ import re
 import shutil
 from pathlib import Path, PurePosixPath
 
+from common.files import atomic_dir, fsync_dir, write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 RECORD = "checkpoint.json"
@@ -119,7 +121,7 @@ class CheckpointManager:
                 logger.warning("replacing checkpoint %s with a new save of step %d", final, step)
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             self._hashed.add(final.name)
             self._prune(final)
             logger.info("saved checkpoint %s", final)
@@ -168,7 +170,7 @@ def write_record(folder: Path, step: int) -> None:
         digest, size = _sha256(path, fsync=True)
         files.append({"path": path.relative_to(folder).as_posix(), "size": size, "sha256": digest})
     for sub in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
-        _fsync_dir(sub)
+        fsync_dir(sub)
     write_text_atomic(folder / RECORD, json.dumps({"format": RECORD_FORMAT, "step": step, "files": files}, indent=1) + "\n")
 
 
@@ -230,38 +232,7 @@ def _sha256(path: Path, fsync: bool = False) -> tuple[str, int]:
 
 def atomic_save_pretrained(model, tokenizer, folder: Path, **kwargs) -> None:
     """`save_pretrained` of model (and tokenizer) into `folder`, replacing it only once complete."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, **kwargs)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, folder)
-    _fsync_dir(folder.parent)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` by `text` all at once and durably: a reader sees the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)

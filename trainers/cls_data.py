@@ -14,7 +14,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from datasets import Dataset
 
 logger = logging.getLogger(__name__)
@@ -160,16 +159,3 @@ def tokenize_examples(examples: list[dict], tokenizer, max_seq_len: int, num_lab
             ids += tokenizer(text, add_special_tokens=False)["input_ids"][: per_text - 1] + [eos]
         rows.append({"input_ids": ids, "labels": float(ex["label"]) if num_labels == 1 else int(ex["label"])})
     return Dataset.from_list(rows).with_format("torch")
-
-
-def collate_classification(pad_token_id: int):
-    def collate(rows: list[dict]) -> dict:
-        n = max(len(r["input_ids"]) for r in rows)
-        input_ids = torch.full((len(rows), n), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), n), dtype=torch.long)
-        for i, r in enumerate(rows):
-            t = len(r["input_ids"])
-            input_ids[i, :t], attention_mask[i, :t] = r["input_ids"], 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.stack([r["labels"] for r in rows])}
-
-    return collate

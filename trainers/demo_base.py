@@ -8,13 +8,14 @@ no pretraining run. The model is not pretrained: it shows the pipeline, not what
 base achieves. For that, point `base_model` at a pretraining run's final/ (trainers/pretrain.py).
 """
 
-import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 import modeling  # noqa: F401
+from common.args import parse_args
 from configuration import get_preset
 from modeling import HybridMambaForCausalLM
 
@@ -62,13 +63,18 @@ def make_demo_base(out, preset: str = "debug", vocab_size: int = 512, seed: int 
     return out
 
 
+@dataclass
+class DemoBaseArgs:
+    """A base model folder for the offline fine-tuning demo: a tokenizer trained on the demo data, a random-init model."""
+
+    out: str = field(default="runs/demo-base", metadata={"help": "Output folder (save_pretrained with tokenizer)."})
+    preset: str = field(default="debug", metadata={"help": "Preset from configuration/presets.yaml."})
+    vocab_size: int = field(default=512, metadata={"help": "Vocabulary size of the tokenizer trained on the demo data."})
+    seed: int = field(default=0, metadata={"help": "Seed of the model init."})
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/demo-base")
-    parser.add_argument("--preset", default="debug")
-    parser.add_argument("--vocab_size", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = parse_args(DemoBaseArgs, argv)
     out = make_demo_base(args.out, args.preset, args.vocab_size, args.seed)
     print(f"demo base ({args.preset}, random init, tokenizer of {args.vocab_size}) in {out}")
 

@@ -11,7 +11,7 @@ trainers/peft_targets.py; ranks uniform or importance-allocated, trainers/rank_a
 runs the shared loop (trainers/loop.py: checkpoints, resume, logging, best/ and final/). For an
 adapter, best/ and final/ hold the adapter alone (adapter_config.json naming the base model,
 adapter_model.safetensors), the tokenizer (with the chat template used) and finetune_config.json;
-`python -m trainers.merge RUN/final OUT` merges it into a full model folder.
+`python -m trainers.merge --adapter_dir RUN/final --out OUT` merges it into a full model folder.
 """
 
 import json
@@ -23,15 +23,16 @@ import torch
 import modeling  # noqa: F401  (registers hybrid_mamba with the Auto classes)
 from modeling import HybridMambaForCausalLM, HybridMambaForSequenceClassification
 from trainers import metrics as local_metrics
-from trainers.args import FinetuneArgs, parse_args
-from trainers.chat_data import collate_chat, ensure_chat_template, load_chat
+from common.args import parse_args
+from trainers.args import FinetuneArgs
+from trainers.chat_data import ensure_chat_template, load_chat
 from trainers.cls_data import (
     GLUE_TASKS,
-    collate_classification,
     load_examples,
     resolve_task,
     tokenize_examples,
 )
+from trainers.collate import right_pad
 from trainers.loop import evaluate_lm, make_accelerator, train
 from trainers.peft_targets import resolve_targets, target_module_names
 from trainers.qlora import check_not_repacked, guard_cpu_repack, load_4bit
@@ -43,7 +44,6 @@ from trainers.rank_allocation import (
 )
 
 logger = logging.getLogger("trainers.finetune")
-ADAPTERS = ("lora", "qlora", "none")
 
 
 def check_args(args: FinetuneArgs) -> None:
@@ -52,14 +52,7 @@ def check_args(args: FinetuneArgs) -> None:
         raise ValueError("base_model is required: a save_pretrained folder (e.g. runs/tiny/final, or trainers.demo_base's output).")
     if not (Path(args.base_model) / "config.json").is_file():
         raise FileNotFoundError(f"base_model {args.base_model} has no config.json; give a save_pretrained folder.")
-    if args.task not in ("chat", "classification"):
-        raise ValueError(f"task must be chat or classification, got {args.task!r}.")
-    if args.adapter not in ADAPTERS:
-        raise ValueError(f"adapter must be one of {ADAPTERS}, got {args.adapter!r}.")
-    if args.rank_allocation not in ("uniform", "importance"):
-        raise ValueError(f"rank_allocation must be uniform or importance, got {args.rank_allocation!r}.")
-    if args.rank_allocation == "importance" and args.adapter == "none":
-        raise ValueError("rank_allocation: importance needs adapter lora or qlora.")
+    # task, adapter and rank_allocation are checked by FinetuneArgs (Literal fields, __post_init__)
     if args.task == "chat":
         for name in ("train_file", "validation_file"):
             if not getattr(args, name):
@@ -84,7 +77,7 @@ def load_data(args: FinetuneArgs, tokenizer):
         train_ds, p1 = load_chat(args.train_file, tokenizer, args.max_seq_len)
         val_ds, p2 = load_chat(args.validation_file, tokenizer, args.max_seq_len)
         info = {"malformed_records": p1 + p2}
-        return train_ds, val_ds, collate_chat(tokenizer.pad_token_id), None, info
+        return train_ds, val_ds, right_pad(tokenizer.pad_token_id), None, info
     task = resolve_task(args.classification_task, args.text_columns, args.num_labels)
     train, val, problems = load_examples(args.classification_task, task, args.train_file, args.validation_file, args.data_source)
     train_ds = tokenize_examples(train, tokenizer, args.max_seq_len, task.num_labels)
@@ -93,7 +86,7 @@ def load_data(args: FinetuneArgs, tokenizer):
         "regression" if task.num_labels == 1 else "classification"
     )
     info = {"malformed_records": problems, "num_labels": task.num_labels, "metric": metric_config}
-    return train_ds, val_ds, collate_classification(tokenizer.pad_token_id), classification_eval(metric_config, task.num_labels), info
+    return train_ds, val_ds, right_pad(tokenizer.pad_token_id), classification_eval(metric_config, task.num_labels), info
 
 
 def classification_eval(metric_config: str, num_labels: int):

@@ -30,8 +30,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+from common.files import write_text_atomic
+
 from .args import TrainArgs
-from .checkpoint import CheckpointManager, atomic_save_pretrained, write_text_atomic
+from .checkpoint import CheckpointManager, atomic_save_pretrained
 from .data import EpochSampler
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Merge a saved LoRA adapter into its base: a plain save_pretrained folder (remote code, tokenizer).
 
-    python -m trainers.merge RUN/final OUT [--base PATH]
+    python -m trainers.merge --adapter_dir RUN/final --out OUT [--base PATH]
 
 The base is the one recorded in the adapter (adapter_config.json `base_model_name_or_path`), unless
 --base is given; the model class (causal LM or classifier, with its label count) comes from the
@@ -9,11 +9,12 @@ model within float rounding (tests/test_finetune.py checks 1e-5). A QLoRA adapte
 the unquantized base.
 """
 
-import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import modeling  # noqa: F401
+from common.args import parse_args
 from modeling import HybridMambaForCausalLM, HybridMambaForSequenceClassification
 
 
@@ -39,12 +40,17 @@ def merge(adapter_dir, out, base: str | None = None) -> Path:
     return out
 
 
+@dataclass
+class MergeArgs:
+    """Merge a LoRA adapter folder into its base model and save a plain model folder."""
+
+    adapter_dir: str = field(metadata={"help": "The adapter folder a fine-tuning run saved (RUN/final)."})
+    out: str = field(metadata={"help": "Output folder for the merged model."})
+    base: str | None = field(default=None, metadata={"help": "Base model folder (default: the one the adapter records)."})
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("adapter_dir")
-    parser.add_argument("out")
-    parser.add_argument("--base", default=None, help="base model folder (default: the one the adapter records)")
-    args = parser.parse_args(argv)
+    args = parse_args(MergeArgs, argv)
     print(f"merged model in {merge(args.adapter_dir, args.out, args.base)}")
 
 

@@ -40,8 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from transformers import HfArgumentParser
-
+from common.args import parse_args
 from configuration import get_preset
 from configuration.param_counts import count_parameters
 
@@ -138,83 +137,100 @@ def activation_bytes_per_token(config, kind: str, seq_len: int, act_bytes: int, 
     flowing out of it), or what cross-entropy's backward allocates. `device` picks the Mamba-2 scan's
     chunk length (on CPU, at most the modeling file's CPU_CHUNK_SIZE).
     """
-    a, f = act_bytes, FP32
-    low = a < f  # bf16: upcasts make fp32 copies where fp32 runs reuse the tensor
-    T, D = seq_len, config.hidden_size
+    per_kind = {"mlp": _mlp_bytes, "attention": _attention_bytes, "mamba2": _mamba2_bytes, "mamba1": _mamba1_bytes,
+                "head": _head_bytes}
+    if kind not in per_kind:
+        raise ValueError(f"Unknown kind {kind!r}: one of attention, mamba1, mamba2, mlp, head.")
+    a = act_bytes
     # RMSNorm (a hand-written backward): its input, the rsqrt statistic (B, T, 1) in fp32, and the
     # output (the next linear layer's input).
-    norm = 2 * a * D + f
-    if kind == "mlp":
-        inter = config.intermediate_size
-        saved = norm + 4 * a * inter  # gate, silu(gate), up, silu(gate) * up (down_proj's input)
-        return saved, 2 * a * inter
-    if kind == "attention":
-        hq, hkv, p = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        # A document mask makes transformers give SDPA repeat_kv copies of k and v (no GQA kernel).
-        kv = hq if packed else hkv
-        # q and k after RoPE, v, the SDPA output (B, T, Hq*P) that o_proj reads, fp32 log-sum-exp
-        # (B, Hq, T): SDPA's flash / memory-efficient kernels keep no T x T matrix.
-        saved = norm + a * p * (2 * hq + 2 * kv) + f * hq
-        if packed:
-            saved += a * T  # the block-causal mask (B, 1, T, T), converted to the query dtype per call
-        # Backward: gradients of the output, q, k and v, and an fp32 accumulator for q's (flash kernels).
-        return saved, a * p * (2 * hq + 2 * kv) + f * p * hq
-    if kind == "mamba2":
-        E, H, G, N, K = config.mamba_d_inner, config.mamba_n_heads, config.mamba_n_groups, config.mamba_d_state, config.mamba_d_conv
-        conv = E + 2 * G * N
-        from modeling.modeling_hybrid_mamba import CPU_CHUNK_SIZE
+    norm = 2 * a * config.hidden_size + FP32
+    return per_kind[kind](config, a, norm, T=seq_len, packed=packed, device=device)
 
-        L = min(config.mamba_chunk_size, T) if device == "cuda" else min(config.mamba_chunk_size, CPU_CHUNK_SIZE, T)
-        C = math.ceil(T / L)
-        saved = norm
-        # in_proj output [z, xBC, dt], kept whole by the views of it that the conv (xBC) and the gated
-        # norm (z) keep. The conv + SiLU keeps nothing else: its backward recomputes the rest.
-        saved += a * (2 * E + 2 * G * N + H)
-        # The scan keeps its inputs, the state entering each chunk (B, C, H, P, N) and the entering
-        # states' share of its output (B, T, H, P), and recomputes every within-chunk tensor in its
-        # backward: x, B, C in fp32 (silu's output, or fp32 copies of it under bf16), dt + bias,
-        # softplus and the clamped dt (B, T, H).
-        saved += f * conv + 3 * f * H + f * E * N * C / T + f * E
-        # Gated RMSNorm (a hand-written backward): y in the compute dtype, the output (out_proj's
-        # input), rsqrt per group in fp32; z is a view of in_proj's output.
-        saved += 2 * a * E + f * G
-        # Backward: the two (B, C, H, L, L) decay tensors of the within-chunk step (recomputed decays
-        # and their gradient) are its largest transients; the measured peaks in tests/test_plan.py
-        # agree with this within their tolerance.
-        extra = 2 * H * L * C * L / T
-        return saved, f * extra
-    if kind == "mamba1":
-        from modeling.modeling_hybrid_mamba import selective_scan
 
-        E, N, R, K = config.mamba_d_inner, config.mamba_d_state, config.mamba_dt_rank, config.mamba_d_conv
-        chunk = inspect.signature(selective_scan).parameters["chunk_size"].default  # the mixer calls it with the default
-        saved = norm + a * 2 * E  # in_proj output [x, z]
-        saved += a * E + a * (R + 2 * N)  # x_proj's contiguous input, its output [dt, B, C]
-        saved += 4 * f * E  # dt_proj output in fp32, softplus(dt), u = silu(conv) in fp32, dt * u
-        saved += a * N + (f * N if low else 0)  # C per chunk for the einsum; B's fp32 copy under bf16
-        # exp(dt A) and dt u B, (B, T, E, N) fp32. Per chunk of l tokens the log-depth doubling scan
-        # keeps 2 (B, l, E, N) tensors per level but the last, the last level's decays (chunks after
-        # the first), the chunk states hs (fp32; under bf16 only those carried on) and their copy.
-        per_chunk = 0.0
-        lengths = [min(chunk, T - s) for s in range(0, T, chunk)]
-        for k, l in enumerate(lengths):
-            levels = max(0, 2 * (math.ceil(math.log2(l)) - 1)) if l > 1 else 0
-            carried = 1 if (not low or k < len(lengths) - 1) else 0
-            per_chunk += l * (f * (levels + (k > 0) + carried) + (a if low else 0))
-        saved += f * (3 if packed else 2) * E * N + E * N * per_chunk / T  # packed: also the decay zeroed at document starts
-        saved += 3 * a * E  # y, silu(z), y * silu(z) (out_proj's input)
-        return saved, 2 * f * E * N
-    if kind == "head":
-        V = config.vocab_size
-        # Final norm, the fp32 log-softmax (B*T, V) that cross-entropy keeps, input ids and shifted
-        # labels (int64), RoPE cos and sin (B, T, P) when attention layers use RoPE.
-        saved = norm + f * V + 16
-        if config.position_embedding_type == "rope" and "attention" in config.layer_types:
-            saved += 2 * a * config.head_dim
-        # Backward: the gradients of the log-softmax output and of the fp32 logits, and the logits'
-        # gradient in the compute dtype under bf16.
-        return saved, 2 * f * V + (a * V if low else 0)
-    raise ValueError(f"Unknown kind {kind!r}: one of attention, mamba1, mamba2, mlp, head.")
+def _mlp_bytes(config, a: int, norm: float, **_) -> tuple[float, float]:
+    inter = config.intermediate_size
+    saved = norm + 4 * a * inter  # gate, silu(gate), up, silu(gate) * up (down_proj's input)
+    return saved, 2 * a * inter
+
+
+def _attention_bytes(config, a: int, norm: float, T: int, packed: bool, **_) -> tuple[float, float]:
+    f = FP32
+    hq, hkv, p = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    # A document mask makes transformers give SDPA repeat_kv copies of k and v (no GQA kernel).
+    kv = hq if packed else hkv
+    # q and k after RoPE, v, the SDPA output (B, T, Hq*P) that o_proj reads, fp32 log-sum-exp
+    # (B, Hq, T): SDPA's flash / memory-efficient kernels keep no T x T matrix.
+    saved = norm + a * p * (2 * hq + 2 * kv) + f * hq
+    if packed:
+        saved += a * T  # the block-causal mask (B, 1, T, T), converted to the query dtype per call
+    # Backward: gradients of the output, q, k and v, and an fp32 accumulator for q's (flash kernels).
+    return saved, a * p * (2 * hq + 2 * kv) + f * p * hq
+
+
+def _mamba2_bytes(config, a: int, norm: float, T: int, device: str, **_) -> tuple[float, float]:
+    from modeling.modeling_hybrid_mamba import CPU_CHUNK_SIZE
+
+    f = FP32
+    E, H, G, N = config.mamba_d_inner, config.mamba_n_heads, config.mamba_n_groups, config.mamba_d_state
+    conv = E + 2 * G * N
+    L = min(config.mamba_chunk_size, T) if device == "cuda" else min(config.mamba_chunk_size, CPU_CHUNK_SIZE, T)
+    C = math.ceil(T / L)
+    saved = norm
+    # in_proj output [z, xBC, dt], kept whole by the views of it that the conv (xBC) and the gated
+    # norm (z) keep. The conv + SiLU keeps nothing else: its backward recomputes the rest.
+    saved += a * (2 * E + 2 * G * N + H)
+    # The scan keeps its inputs, the state entering each chunk (B, C, H, P, N) and the entering
+    # states' share of its output (B, T, H, P), and recomputes every within-chunk tensor in its
+    # backward: x, B, C in fp32 (silu's output, or fp32 copies of it under bf16), dt + bias,
+    # softplus and the clamped dt (B, T, H).
+    saved += f * conv + 3 * f * H + f * E * N * C / T + f * E
+    # Gated RMSNorm (a hand-written backward): y in the compute dtype, the output (out_proj's
+    # input), rsqrt per group in fp32; z is a view of in_proj's output.
+    saved += 2 * a * E + f * G
+    # Backward: the two (B, C, H, L, L) decay tensors of the within-chunk step (recomputed decays
+    # and their gradient) are its largest transients; the measured peaks in tests/test_plan.py
+    # agree with this within their tolerance.
+    extra = 2 * H * L * C * L / T
+    return saved, f * extra
+
+
+def _mamba1_bytes(config, a: int, norm: float, T: int, packed: bool, **_) -> tuple[float, float]:
+    from modeling.modeling_hybrid_mamba import selective_scan
+
+    f = FP32
+    low = a < f  # bf16: upcasts make fp32 copies where fp32 runs reuse the tensor
+    E, N, R = config.mamba_d_inner, config.mamba_d_state, config.mamba_dt_rank
+    chunk = inspect.signature(selective_scan).parameters["chunk_size"].default  # the mixer calls it with the default
+    saved = norm + a * 2 * E  # in_proj output [x, z]
+    saved += a * E + a * (R + 2 * N)  # x_proj's contiguous input, its output [dt, B, C]
+    saved += 4 * f * E  # dt_proj output in fp32, softplus(dt), u = silu(conv) in fp32, dt * u
+    saved += a * N + (f * N if low else 0)  # C per chunk for the einsum; B's fp32 copy under bf16
+    # exp(dt A) and dt u B, (B, T, E, N) fp32. Per chunk of l tokens the log-depth doubling scan
+    # keeps 2 (B, l, E, N) tensors per level but the last, the last level's decays (chunks after
+    # the first), the chunk states hs (fp32; under bf16 only those carried on) and their copy.
+    per_chunk = 0.0
+    lengths = [min(chunk, T - s) for s in range(0, T, chunk)]
+    for k, l in enumerate(lengths):
+        levels = max(0, 2 * (math.ceil(math.log2(l)) - 1)) if l > 1 else 0
+        carried = 1 if (not low or k < len(lengths) - 1) else 0
+        per_chunk += l * (f * (levels + (k > 0) + carried) + (a if low else 0))
+    saved += f * (3 if packed else 2) * E * N + E * N * per_chunk / T  # packed: also the decay zeroed at document starts
+    saved += 3 * a * E  # y, silu(z), y * silu(z) (out_proj's input)
+    return saved, 2 * f * E * N
+
+
+def _head_bytes(config, a: int, norm: float, **_) -> tuple[float, float]:
+    f, V = FP32, config.vocab_size
+    low = a < f
+    # Final norm, the fp32 log-softmax (B*T, V) that cross-entropy keeps, input ids and shifted
+    # labels (int64), RoPE cos and sin (B, T, P) when attention layers use RoPE.
+    saved = norm + f * V + 16
+    if config.position_embedding_type == "rope" and "attention" in config.layer_types:
+        saved += 2 * a * config.head_dim
+    # Backward: the gradients of the log-softmax output and of the fp32 logits, and the logits'
+    # gradient in the compute dtype under bf16.
+    return saved, 2 * f * V + (a * V if low else 0)
 
 
 @dataclass
@@ -579,7 +595,7 @@ def to_json(plan: Plan, fixes, gpus_needed, gpus_needed_ckpt, time) -> dict:
 
 def main(argv=None) -> dict:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    (args,) = HfArgumentParser(PlanArgs).parse_args_into_dataclasses(args=argv)
+    args = parse_args(PlanArgs, argv)
     config = get_preset(args.preset)
     counts = count_parameters(config)
     plan = estimate(args, config, counts)

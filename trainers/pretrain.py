@@ -20,7 +20,8 @@ import torch
 import modeling  # noqa: F401  (registers hybrid_mamba with the Auto classes)
 from configuration import get_preset
 from modeling import HybridMambaForCausalLM
-from trainers.args import PretrainArgs, parse_args
+from common.args import parse_args
+from trainers.args import PretrainArgs
 from trainers.data import collate_packed, load_packed, unigram_baseline
 from trainers.loop import make_accelerator, train
 

@@ -22,19 +22,22 @@ flags it does not know go to every run) and writes OUT/rank_allocation.{json,md}
 signed-rank p-value; the runs go under OUT/runs/.
 """
 
-import argparse
 import heapq
 import json
 import logging
 import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from common.args import parse_known_args
+from common.machine import machine
+from common.stats import format_summary, paired, summarize
+
 from .peft_targets import lora_parameter_count, target_module_names
-from .stats import paired, summarize
-from .sweep import check_config, float_metrics, machine, run_seed
+from .sweep import check_config, float_metrics, run_seed
 
 logger = logging.getLogger(__name__)
 
@@ -124,14 +127,19 @@ def uniform_budget(model, targets: list[str], r: int) -> int:
 # Comparison across seeds
 
 
+@dataclass
+class RankAllocationArgs:
+    """Uniform against importance-allocated LoRA ranks over seeds; any other --field value flag goes to every run."""
+
+    config: str = field(metadata={"help": "A finetune YAML (classification or chat)."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "Seeds; each runs both arms."})
+    out: str = field(default="results/rank_allocation", metadata={"help": "Folder for rank_allocation.{json,md} and runs/."})
+
+
 def main(argv=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="a finetune YAML (classification or chat)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--out", default="results/rank_allocation")
-    args, extra = parser.parse_known_args(argv)  # anything else goes to every finetune run
-    check_config(args.config)
+    args, extra = parse_known_args(RankAllocationArgs, argv)  # anything else goes to every finetune run
+    check_config(args.config, extra)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = {arm: {} for arm in ("uniform", "importance")}
@@ -149,7 +157,7 @@ def main(argv=None) -> dict:
         "command": "python -m trainers.rank_allocation " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": args.config,
         "seeds": args.seeds,
-        "machine": machine(),
+        "machine": machine(threads=torch.get_num_threads()),
         "arms": {
             arm: {
                 "metrics": {m: summarize([r["final_eval"][m] for r in per_seed.values()]) for m in metric_names},
@@ -179,11 +187,12 @@ def markdown(result: dict) -> str:
         "| metric | uniform | importance | importance - uniform (paired) | seeds above / below / at zero | Wilcoxon p |",
         "|---|---|---|---|---|---|",
     ]
-    fmt = lambda s: f"{s['mean']:.4f} ± {s['std']:.4f} [{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]"  # noqa: E731
     for m in metrics:
         d = result["difference"][m]
-        lines.append(f"| {m} | {fmt(result['arms']['uniform']['metrics'][m])} | {fmt(result['arms']['importance']['metrics'][m])} "
-                     f"| {fmt(d)} | {d['above']} / {d['below']} / {d['zero']} | {d['wilcoxon_p']:.3f} |")
+        p = "-" if d["wilcoxon_p"] is None else f"{d['wilcoxon_p']:.3f}"
+        lines.append(f"| {m} | {format_summary(result['arms']['uniform']['metrics'][m])} "
+                     f"| {format_summary(result['arms']['importance']['metrics'][m])} "
+                     f"| {format_summary(d)} | {d['above']} / {d['below']} / {d['zero']} | {p} |")
     return "\n".join(lines) + "\n"
 
 

@@ -4,21 +4,24 @@
 
 Runs `python -m trainers.finetune` once per seed (a fresh process each, output in OUT/seed_<n>/), then writes
 OUT/sweep.json and OUT/sweep.md with every final validation metric summarised over the seeds
-(Student's t interval, trainers/stats.py). OUT defaults to the config's output_dir.
+(Student's t interval, common/stats.py). OUT defaults to the config's output_dir.
 """
 
-import argparse
 import json
 import logging
-import platform
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
-from .stats import summarize
+from common.args import parse_args, parse_known_args
+from common.machine import machine
+from common.stats import format_summary, summarize
+
+from .args import FinetuneArgs
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +30,20 @@ class RunError(RuntimeError):
     """A fine-tuning run started by a sweep failed; the message ends with the run's last error line."""
 
 
-def check_config(config: str) -> None:
+@dataclass
+class SweepArgs:
+    """One fine-tuning config over several seeds; any other --field value flag goes to every run."""
+
+    config: str = field(metadata={"help": "A finetune YAML (trainers/configs/finetune_*.yaml)."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds, one run each."})
+    out: str | None = field(default=None, metadata={"help": "Folder for the runs and sweep.json (default: the config's output_dir)."})
+
+
+def check_config(config: str, extra: list[str] = ()) -> None:
+    """The config exists and parses with the flags passed to every run: a typo fails here, not in each run."""
     if not Path(config).is_file():
         raise FileNotFoundError(f"--config {config} does not exist.")
+    parse_args(FinetuneArgs, ["--config", config, *extra])
 
 
 def run_seed(config: str, seed: int, run_dir: Path, extra: list[str]) -> dict:
@@ -52,31 +66,23 @@ def float_metrics(final_eval: dict) -> list[str]:
     return [k for k, v in final_eval.items() if isinstance(v, float)]
 
 
-def machine() -> dict:
-    return {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__}
-
-
 def main(argv=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default=None, help="folder for the runs and sweep.json (default: the config's output_dir)")
-    args, extra = parser.parse_known_args(argv)  # other flags go to every run
-    check_config(args.config)
+    args, extra = parse_known_args(SweepArgs, argv)  # other flags go to every run
+    check_config(args.config, extra)
     out = Path(args.out or yaml.safe_load(Path(args.config).read_text())["output_dir"])
     summaries = {seed: run_seed(args.config, seed, out / f"seed_{seed}", extra) for seed in args.seeds}
     names = float_metrics(summaries[args.seeds[0]]["final_eval"])
     result = {
         "command": "python -m trainers.sweep " + " ".join(sys.argv[1:] if argv is None else argv),
         "seeds": args.seeds,
-        "machine": machine(),
+        "machine": machine(threads=torch.get_num_threads()),
         "metrics": {m: summarize([s["final_eval"][m] for s in summaries.values()]) for m in names},
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"Seeds {args.seeds}: mean ± std [95% CI]", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {m} | {s['mean']:.4f} ± {s['std']:.4f} [{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}] |" for m, s in result["metrics"].items()]
+    lines += [f"| {m} | {format_summary(s)} |" for m, s in result["metrics"].items()]
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return result

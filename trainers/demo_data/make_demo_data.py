@@ -9,10 +9,12 @@
   words in order, not a bag of words. Classification and the rank allocation comparison.
 """
 
-import argparse
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
+
+from common.args import parse_args
 
 HERE = Path(__file__).parent
 POSITIVE = "good great fine lovely brilliant superb charming clever delightful moving".split()
@@ -66,8 +68,13 @@ def chat(rng):
     return {"messages": messages}
 
 
+@dataclass
+class MakeDemoDataArgs:
+    """Writes the demo data in this folder (deterministic; rerun to regenerate, the files are committed)."""
+
+
 def main(argv=None):
-    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)  # no options: --help describes it, a stray flag is an error
+    parse_args(MakeDemoDataArgs, argv)  # no fields: --help describes it, a stray flag is an error
     rng = random.Random(1234)
     for split, n in (("train", 600), ("validation", 80)):
         with open(HERE / f"chat_{split}.jsonl", "w") as f:
