@@ -20,9 +20,9 @@ DEMO_BENCH ?= docs/results/bench_speed.json
 LOCK_VENV ?= $(or $(TMPDIR),/tmp)/hybrid-mamba-lock-venv
 COMPAT_DIR ?= $(or $(TMPDIR),/tmp)/hybrid-mamba-compat
 
-.PHONY: install test test-fast demo bench lock test-compat clean-venv
+.PHONY: install check format test test-fast demo bench lock test-compat clean-venv
 
-$(VENV)/.installed: setup.py $(TORCH_CONSTRAINT) $(LOCK)
+$(VENV)/.installed: setup.py pyproject.toml $(TORCH_CONSTRAINT) $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip setuptools wheel $(PIP_C)
 	$(if $(TORCH_CONSTRAINT),$(PY) -m pip install -r $(TORCH_CONSTRAINT))
@@ -31,6 +31,15 @@ $(VENV)/.installed: setup.py $(TORCH_CONSTRAINT) $(LOCK)
 	touch $@
 
 install: $(VENV)/.installed
+
+# Lint and format check (ruff, configured in pyproject.toml); CI runs it before the tests. `make format` fixes.
+check: $(VENV)/.installed
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 test: $(VENV)/.installed
 	$(PY) -m pytest tests $(PYTEST_ARGS)
@@ -42,23 +51,23 @@ test-fast: $(VENV)/.installed
 # Data preparation (cached when nothing changed), then pretraining of the tiny preset on 2 CPU
 # cores; prints the validation loss against the unigram baseline and a sample.
 demo: $(VENV)/.installed
-	$(PY) -m data_scripts.prepare --recipe data_scripts/recipes/demo.yaml --output $(DEMO_DATA)
-	$(VENV)/bin/accelerate launch --config_file trainers/accelerate/cpu.yaml -m trainers.pretrain \
+	$(PY) -m hybrid_mamba.data_scripts.prepare --recipe data_scripts/recipes/demo.yaml --output $(DEMO_DATA)
+	$(VENV)/bin/accelerate launch --config_file trainers/accelerate/cpu.yaml -m hybrid_mamba.trainers.pretrain \
 		--config trainers/configs/tiny.yaml --data_dir $(DEMO_DATA) --output_dir $(DEMO_RUN)
 	# lm-eval on the offline held-out tasks (16 documents each, about 65 s on 2 busy cores); prints the table
 	rm -rf $(or $(DEMO_EVAL),results/demo_eval)
 	HF_DATASETS_OFFLINE=1 $(VENV)/bin/lm_eval --model hf --model_args pretrained=$(DEMO_RUN)/final,trust_remote_code=True \
 		--tasks demo_heldout --include_path eval_harness/tasks --device cpu --batch_size 4 --limit 16 \
 		--output_path $(or $(DEMO_EVAL),results/demo_eval)
-	$(PY) -m hub_cards.publish --model $(DEMO_RUN)/final --to $(DEMO_REPO) --data $(DEMO_DATA) \
+	$(PY) -m hybrid_mamba.hub_cards.publish --model $(DEMO_RUN)/final --to $(DEMO_REPO) --data $(DEMO_DATA) \
 		--train-config trainers/configs/tiny.yaml --message "make demo: $(DEMO_RUN)/final" \
 		$$(test -e "$(DEMO_EVAL)" && echo --eval $(DEMO_EVAL)) $$(test -e "$(DEMO_BENCH)" && echo --bench $(DEMO_BENCH))
-	$(PY) -m hub_cards.reload --repo $(DEMO_REPO) --clone $(DEMO_REPO)-clone
+	$(PY) -m hybrid_mamba.hub_cards.reload --repo $(DEMO_REPO) --clone $(DEMO_REPO)-clone
 	@echo "data: $(DEMO_DATA)  run: $(DEMO_RUN)  published repo: $(DEMO_REPO) (card: $(DEMO_REPO)/README.md)  clone: $(DEMO_REPO)-clone"
 
 # The CPU speed benchmark of the model against Bamba and two Llamas (about 5 minutes).
 bench: $(VENV)/.installed
-	$(PY) -m eval_harness.bench_speed --out results/bench_speed
+	$(PY) -m hybrid_mamba.eval_harness.bench_speed --out results/bench_speed
 
 # Regenerate requirements/lock.txt: the newest releases setup.py allows, in a throwaway venv; the lock is
 # written only after the whole test suite passed there.

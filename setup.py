@@ -9,11 +9,21 @@ transformers, peft, accelerate, datasets and lm-eval are run by `make test-compa
 which requirements/compat.py reads them from); the other packages' floors are not run there (that
 environment resolves their current releases).
 """
+
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
+NAMESPACE = "hybrid_mamba"
+FOLDERS = ("common", "configuration", "modeling", "trainers", "data_scripts", "eval_harness", "hub_cards")
+PACKAGE_DATA = {
+    "configuration": ["presets.yaml"],
+    "data_scripts": ["recipes/*.yaml"],
+    "trainers": ["configs/*.yaml", "accelerate/*.yaml", "demo_data/*.jsonl", "demo_data/*.tsv"],
+    "hub_cards": ["templates/*.md"],
+    "eval_harness": ["tasks/**/*.yaml", "tasks/**/*.jsonl", "tasks/**/*.py"],
+}
 
 install_requires = [
     "torch>=2.4,<3",
@@ -43,7 +53,7 @@ extras_require = {
     # bitsandbytes: QLoRA (trainers/finetune.py adapter: qlora); on CPU `pip install bitsandbytes` alone.
     "cuda": ["mamba-ssm>=2.2", "causal-conv1d>=1.4", "flash-attn>=2.6", "bitsandbytes>=0.45"],
     # bitsandbytes runs 4-bit/8-bit on CPU too: in dev so the QLoRA guard tests run everywhere.
-    "dev": ["pytest>=8", "matplotlib>=3.8", "bitsandbytes>=0.45"],
+    "dev": ["pytest>=8", "matplotlib>=3.8", "bitsandbytes>=0.45", "ruff>=0.15"],
 }
 
 setup(
@@ -54,8 +64,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["common*", "configuration*", "modeling*", "trainers*", "data_scripts*", "eval_harness*", "hub_cards*"]),
-    package_data={"configuration": ["presets.yaml"], "data_scripts": ["recipes/*.yaml"], "trainers": ["configs/*.yaml", "accelerate/*.yaml", "demo_data/*.jsonl", "demo_data/*.tsv"], "hub_cards": ["templates/*.md"]},
+    # The folders install under one namespace (hybrid_mamba.configuration, hybrid_mamba.trainers, ...), so
+    # they never shadow, and are never shadowed by, another project's `modeling` or `configuration`.
+    package_dir={NAMESPACE: "."},
+    packages=[f"{NAMESPACE}.{name}" for name in find_packages(include=[f"{folder}*" for folder in FOLDERS])],
+    package_data={f"{NAMESPACE}.{folder}": files for folder, files in PACKAGE_DATA.items()},
     install_requires=install_requires,
     extras_require=extras_require,
 )

@@ -41,7 +41,9 @@ def did_you_mean(name: object, valid: Sequence[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def unknown_fields(names: Sequence[str], valid: Sequence[str], where: str, error: type[Exception] = ValueError) -> Exception:
+def unknown_fields(
+    names: Sequence[str], valid: Sequence[str], where: str, error: type[Exception] = ValueError
+) -> Exception:
     """The error for unknown field names in a config file or on the command line."""
     hints = ", ".join(f"{name!r}{did_you_mean(name, valid)}" for name in names)
     fields = f"Valid fields: {', '.join(sorted(valid))}." if valid else "It takes no fields."
@@ -226,7 +228,9 @@ def build_parser(*classes: type, config: bool = True, **kwargs) -> argparse.Argu
             action.type = _yaml_mapping
             action.metavar = "YAML_MAPPING"
     if config:
-        parser.add_argument(CONFIG_FLAG, metavar="FILE.yaml", help="YAML file of field: value; flags given override it.")
+        parser.add_argument(
+            CONFIG_FLAG, metavar="FILE.yaml", help="YAML file of field: value; flags given override it."
+        )
     return parser
 
 

@@ -28,8 +28,15 @@ def summarize(values: Sequence[float | None]) -> dict:
         raise ValueError("summarize needs at least one value.")
     kept = [float(v) for v in values if _finite(v)]
     n = len(kept)
-    out = {"n": n, "missing": len(values) - n, "mean": None, "std": None, "stderr": None, "ci95": None,
-           "values": [float(v) if _finite(v) else None for v in values]}
+    out = {
+        "n": n,
+        "missing": len(values) - n,
+        "mean": None,
+        "std": None,
+        "stderr": None,
+        "ci95": None,
+        "values": [float(v) if _finite(v) else None for v in values],
+    }
     if n == 0:
         return out
     mean = sum(kept) / n

@@ -161,7 +161,9 @@ class HybridMambaConfig(PreTrainedConfig):
             types = [_LAYER_TYPE_ALIASES.get(t, t) for t in self.layer_types]
             unknown = sorted({t for t in types if t not in LAYER_TYPES})
             if unknown:
-                raise ValueError(f"Unknown layer type(s) {unknown} in layer_types; valid types are {list(LAYER_TYPES)}.")
+                raise ValueError(
+                    f"Unknown layer type(s) {unknown} in layer_types; valid types are {list(LAYER_TYPES)}."
+                )
             if len(types) != self.num_hidden_layers:
                 raise ValueError(
                     f"layer_types has {len(types)} entries but num_hidden_layers is {self.num_hidden_layers}: "
@@ -197,7 +199,9 @@ class HybridMambaConfig(PreTrainedConfig):
                     f"({self.num_attention_heads})."
                 )
             if self.position_embedding_type == "rope" and self.head_dim % 2:
-                raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}: change the head count or set head_dim.")
+                raise ValueError(
+                    f"RoPE needs an even head_dim, got {self.head_dim}: change the head count or set head_dim."
+                )
         if self.mamba_version_set() & {2}:
             d_inner = self.mamba_expand * self.hidden_size
             if d_inner % self.mamba_head_dim != 0:
@@ -220,7 +224,9 @@ class HybridMambaConfig(PreTrainedConfig):
         return f"mamba{self.mamba_version}" if t == "mamba" else t
 
     def mamba_version_set(self) -> set[int]:
-        return {int(self.mixer_type(i)[-1]) for i in range(self.num_hidden_layers) if self.layer_types[i] != "attention"}
+        return {
+            int(self.mixer_type(i)[-1]) for i in range(self.num_hidden_layers) if self.layer_types[i] != "attention"
+        }
 
     @property
     def mamba_d_inner(self) -> int:

@@ -1,6 +1,6 @@
 """Parameter counts of every preset, computed from the real module on the meta device.
 
-    python -m configuration.param_counts [--json FILE] [--readme README.md]
+    python -m hybrid_mamba.configuration.param_counts [--json FILE] [--readme README.md]
 
 prints the markdown table of parameter counts, writes the counts as JSON, and with --readme replaces
 the README's table (between the param-table markers) with it.
@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.args import parse_args
-from common.files import write_text_atomic
+from hybrid_mamba.common.args import parse_args
+from hybrid_mamba.common.files import write_text_atomic
 
 from .configuration_hybrid_mamba import HybridMambaConfig
 from .presets import PRESET_NAMES, get_preset
@@ -33,7 +33,7 @@ def total_parameters(model_class, config) -> int:
 
 def count_parameters(config: HybridMambaConfig) -> dict:
     """Parameter counts of the real module by part, built on the meta device (no memory is allocated)."""
-    from modeling.modeling_hybrid_mamba import HybridMambaForCausalLM
+    from hybrid_mamba.modeling.modeling_hybrid_mamba import HybridMambaForCausalLM
 
     model = meta_model(HybridMambaForCausalLM, config)
     total = sum(p.numel() for p in model.parameters())  # tied weights are counted once
@@ -41,7 +41,9 @@ def count_parameters(config: HybridMambaConfig) -> dict:
     by_kind = {"attention": 0, "mamba": 0, "mlp": 0}
     for layer in model.model.layers:
         mixer = layer.self_attn if layer.mixer_type == "attention" else layer.mamba
-        by_kind["attention" if layer.mixer_type == "attention" else "mamba"] += sum(p.numel() for p in mixer.parameters())
+        by_kind["attention" if layer.mixer_type == "attention" else "mamba"] += sum(
+            p.numel() for p in mixer.parameters()
+        )
         if layer.mlp is not None:
             by_kind["mlp"] += sum(p.numel() for p in layer.mlp.parameters())
     return {"total": total, "non_embedding": total - embedding, "embedding": embedding, **by_kind}
@@ -94,8 +96,12 @@ def replace_readme_table(readme: Path, table: str) -> None:
 class ParamCountArgs:
     """Print the markdown table of parameter counts of every preset; optionally write it to JSON or a README."""
 
-    json_out: Path | None = field(default=None, metadata={"aliases": ["--json"], "help": "Also write the counts to this JSON file."})
-    readme: Path | None = field(default=None, metadata={"help": "Replace the parameter table (between the param-table markers) in this README."})
+    json_out: Path | None = field(
+        default=None, metadata={"aliases": ["--json"], "help": "Also write the counts to this JSON file."}
+    )
+    readme: Path | None = field(
+        default=None, metadata={"help": "Replace the parameter table (between the param-table markers) in this README."}
+    )
 
 
 def main(argv=None):
@@ -111,6 +117,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from configuration.cli import run_main
+    from hybrid_mamba.common.cli import run_main
 
     run_main(main)

@@ -1,12 +1,12 @@
 """Throughput of each stage on the demo corpus, and the time to build the demo data.
 
-    python -m data_scripts.bench --output data_scripts/results/bench_demo.json
+    python -m hybrid_mamba.data_scripts.bench --output data_scripts/results/bench_demo.json
 
 Stages are timed one after the other in this process, on the documents that reach them, with the
 same batch functions and batch sizes as the pipeline (one process; lingua and tokenizers use their
 own threads). Throughput is MB of text entering the stage per second, and, for comparison across
 stages, MB of raw corpus per second (raw corpus size / stage time). The end-to-end times run the
-real command (``python -m data_scripts.prepare``, interpreter start included) in-memory with
+real command (``python -m hybrid_mamba.data_scripts.prepare``, interpreter start included) in-memory with
 ``--num-proc`` workers and streaming, into a temporary folder. Last, a batch of blocks is read the way
 the trainer reads them, to compare with a training step.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.machine import machine
+from hybrid_mamba.common.machine import machine
 
 from .dedup import Deduplicator, signature_batch
 from .filters import language_batch, length_batch, percentile_batch, percentile_cuts, quality_batch
@@ -150,7 +150,15 @@ def bench_end_to_end(recipe_path: str, num_proc: int) -> dict:
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        base = [sys.executable, "-m", "data_scripts.prepare", "--recipe", recipe_path, "--log-level", "warning"]
+        base = [
+            sys.executable,
+            "-m",
+            "hybrid_mamba.data_scripts.prepare",
+            "--recipe",
+            recipe_path,
+            "--log-level",
+            "warning",
+        ]
         out["in_memory_seconds"] = _time_command(base + ["--output", f"{tmp}/mem", "--num-proc", str(num_proc)])
         out["cached_rerun_seconds"] = _time_command(base + ["--output", f"{tmp}/mem"])
         out["streaming_seconds"] = _time_command(base + ["--output", f"{tmp}/stream", "--streaming"])
@@ -178,7 +186,7 @@ LIBRARIES = ("datasets", "tokenizers", "datasketch", "lingua-language-detector",
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.args import parse_args
+    from hybrid_mamba.common.args import parse_args
 
     args = parse_args(BenchArguments, argv)
     logging.basicConfig(level="WARNING")
@@ -199,6 +207,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from configuration.cli import run_main
+    from hybrid_mamba.common.cli import run_main
 
     run_main(main)

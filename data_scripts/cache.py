@@ -21,7 +21,16 @@ from .recipe import Recipe, SourceFiles
 
 FINGERPRINT_FILE = "fingerprint.json"
 REQUIRED = ("train", "validation", "tokenizer", "report.json", "report.md", "recipe.yaml", FINGERPRINT_FILE)
-_LIBRARIES = ("datasets", "pyarrow", "tokenizers", "transformers", "datasketch", "lingua-language-detector", "phonenumberslite", "numpy")
+_LIBRARIES = (
+    "datasets",
+    "pyarrow",
+    "tokenizers",
+    "transformers",
+    "datasketch",
+    "lingua-language-detector",
+    "phonenumberslite",
+    "numpy",
+)
 
 
 def _file_digest(path: Path) -> str:

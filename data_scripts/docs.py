@@ -55,8 +55,7 @@ def map_docs(batch: dict, stage_fn, **params) -> dict:
     removed = stage_fn.removed
     # Start from what removed rows get; the function's results then overwrite the rows it ran on.
     out = {
-        c: [removed[c]] * n if c in removed else list(batch[c]) if c in batch else [None] * n
-        for c in stage_fn.columns
+        c: [removed[c]] * n if c in removed else list(batch[c]) if c in batch else [None] * n for c in stage_fn.columns
     }
     rows = [Row(batch, j) for j, reason in enumerate(batch["reason"]) if stage_fn.every_row or not reason]
     values = stage_fn.prepare(rows, **params) if stage_fn.prepare and rows else None

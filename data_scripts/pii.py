@@ -32,7 +32,7 @@ import re
 import phonenumbers
 from phonenumbers import Leniency, NumberParseException, PhoneNumberMatcher, ValidationResult
 
-from common.credentials import replace_keys
+from hybrid_mamba.common.credentials import replace_keys
 
 from .docs import document_stage, map_docs
 from .recipe import PIIConfig

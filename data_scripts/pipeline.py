@@ -398,7 +398,7 @@ def _assemble(b: Build, report: CurationReport, splits: dict, tokenizer_file: st
     stages = report.stages()
     dedup = stages["dedup"]
     mixture, pack = {}, {}
-    for i, name in enumerate(b.names):
+    for name in b.names:
         used_docs = sum(s["sources"][name]["documents"] for s in splits.values())
         emitted = sum(s["sources"][name]["emitted_tokens"] for s in splits.values())
         in_blocks = sum(s["sources"][name]["tokens"] for s in splits.values())

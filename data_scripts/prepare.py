@@ -1,7 +1,7 @@
 """Build training data from a recipe.
 
-    python -m data_scripts.prepare --recipe data_scripts/recipes/demo.yaml --output data/demo
-    python -m data_scripts.prepare --recipe my.yaml --output data/my --streaming --num-proc 8
+    python -m hybrid_mamba.data_scripts.prepare --recipe data_scripts/recipes/demo.yaml --output data/demo
+    python -m hybrid_mamba.data_scripts.prepare --recipe my.yaml --output data/my --streaming --num-proc 8
 
 Everything that can be wrong with the inputs (recipe fields, files, the Hub) is checked before the
 first document is read. The output folder is written atomically and reused when a rerun has the same
@@ -21,7 +21,7 @@ from typing import Literal
 
 import yaml
 
-from common.files import atomic_dir
+from hybrid_mamba.common.files import atomic_dir
 
 from .cache import FINGERPRINT_FILE, fingerprint, is_current
 from .pipeline import Build, build
@@ -112,15 +112,15 @@ def prepare(args: PrepareArguments) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.args import parse_args
+    from hybrid_mamba.common.args import parse_args
 
     args = parse_args(PrepareArguments, argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    prepare(args)  # a RecipeError, BudgetError or missing file ends in one line and exit status 2 (configuration.cli)
+    prepare(args)  # a RecipeError, BudgetError or missing file ends in one line and exit status 2 (common.cli)
     return 0
 
 
 if __name__ == "__main__":
-    from configuration.cli import run_main
+    from hybrid_mamba.common.cli import run_main
 
     run_main(main)

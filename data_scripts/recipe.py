@@ -24,7 +24,7 @@ from typing import Literal, get_args
 
 import yaml
 
-from common.args import did_you_mean, load_dataclass
+from hybrid_mamba.common.args import did_you_mean, load_dataclass
 
 Loader = Literal["text", "jsonl", "parquet", "hub"]
 PIIKind = Literal["email", "phone", "ip", "key"]
@@ -432,7 +432,7 @@ def check_hub(recipe: Recipe, timeout: float = 10.0) -> None:
             api.dataset_info(s.dataset, revision=s.revision, timeout=timeout)
         # A reachability probe: DNS, TLS, timeout, 401 or 404 all mean the same to the user (the
         # source cannot be read from here) and the type and message are passed on.
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise RecipeError(
                 f"source '{s.name}': cannot reach dataset '{s.dataset}' on the Hugging Face Hub "
                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). {advice}"

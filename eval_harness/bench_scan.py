@@ -1,6 +1,6 @@
 """Speed of the pure-torch Mamba-2 operators alone: the SSD scan and the causal conv, reference vs fast.
 
-    python -m eval_harness.bench_scan [--out results/bench_scan] [--threads 2] [--quick]
+    python -m hybrid_mamba.eval_harness.bench_scan [--out results/bench_scan] [--threads 2] [--quick]
 
 For each shape (batch x tokens: 4 x 512, 1 x 2048, 1 x 8192) and chunk length, times
 `ssd_scan_ref` (autograd through the readable reference) and `ssd_scan` (the model's path, a
@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common.args import parse_args
-from common.files import write_json_atomic, write_text_atomic
-from common.machine import machine
-from modeling.modeling_hybrid_mamba import causal_conv1d, causal_conv1d_ref, ssd_scan, ssd_scan_ref
+from hybrid_mamba.common.args import parse_args
+from hybrid_mamba.common.files import write_json_atomic, write_text_atomic
+from hybrid_mamba.common.machine import machine
+from hybrid_mamba.modeling.modeling_hybrid_mamba import causal_conv1d, causal_conv1d_ref, ssd_scan, ssd_scan_ref
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ def measure(shapes, chunks, reps, backward_up_to) -> list[dict]:
         calls = {}
         for name, fn in (("ssd_scan_ref", ssd_scan_ref), ("ssd_scan", ssd_scan)):
             for chunk in chunks:
+
                 def fwd(fn=fn, chunk=chunk):
                     with torch.no_grad():
                         fn(x, dt, A, B, C, chunk, D=D)
@@ -82,9 +83,10 @@ def measure(shapes, chunks, reps, backward_up_to) -> list[dict]:
                 calls[(name, chunk, "forward")] = fwd
                 if b * t <= backward_up_to:
                     calls[(name, chunk, "forward+backward")] = both
-        ref_silu = lambda *a: F.silu(causal_conv1d_ref(*a))  # noqa: E731  (the model applies SiLU after the conv)
-        fast_silu = lambda *a: causal_conv1d(*a, silu=True)  # noqa: E731
+        ref_silu = lambda *a: F.silu(causal_conv1d_ref(*a))
+        fast_silu = lambda *a: causal_conv1d(*a, silu=True)
         for name, fn in (("causal_conv1d_ref", ref_silu), ("causal_conv1d", fast_silu)):
+
             def cfwd(fn=fn):
                 with torch.no_grad():
                     fn(conv_x, conv_w, conv_b)
@@ -97,14 +99,23 @@ def measure(shapes, chunks, reps, backward_up_to) -> list[dict]:
             if b * t <= backward_up_to:
                 calls[(name, None, "forward+backward")] = cboth
         times = {key: [] for key in calls}
-        for key, fn in calls.items():  # warmup
+        for fn in calls.values():  # warmup
             fn()
         for _ in range(reps):
             for key, fn in calls.items():
                 times[key].append(_time(fn))
         for (name, chunk, mode), ts in times.items():
-            rows.append(dict(batch=b, tokens=t, op=name, chunk=chunk, mode=mode, median_ms=1e3 * statistics.median(ts),
-                             times_ms=[1e3 * v for v in ts]))
+            rows.append(
+                dict(
+                    batch=b,
+                    tokens=t,
+                    op=name,
+                    chunk=chunk,
+                    mode=mode,
+                    median_ms=1e3 * statistics.median(ts),
+                    times_ms=[1e3 * v for v in ts],
+                )
+            )
         logger.info("done %d x %d", b, t)
     return rows
 
@@ -125,7 +136,9 @@ def to_markdown(results) -> str:
     for (b, t, op, chunk, mode), ms in by_key.items():
         if op in ("ssd_scan_ref", "causal_conv1d_ref"):
             fast = by_key[(b, t, op.removesuffix("_ref"), chunk, mode)]
-            lines.append(f"| {b} x {t} | {op.removesuffix('_ref')} | {chunk or '-'} | {mode} | {ms:.1f} | {fast:.1f} | {fast / ms:.2f} |")
+            lines.append(
+                f"| {b} x {t} | {op.removesuffix('_ref')} | {chunk or '-'} | {mode} | {ms:.1f} | {fast:.1f} | {fast / ms:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -138,7 +151,9 @@ def main(argv=None):
     else:
         shapes, chunks, reps, backward_up_to = [(4, 512), (1, 2048), (1, 8192)], (32, 64, 128, 256), 3, 2048
     results = {
-        "command": " ".join(["python -m eval_harness.bench_scan", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(
+            ["python -m hybrid_mamba.eval_harness.bench_scan", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "machine": machine(args.threads),
         "reps": reps,
         "rows": measure(shapes, chunks, reps, backward_up_to),
@@ -151,6 +166,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from configuration.cli import run_main
+    from hybrid_mamba.common.cli import run_main
 
     run_main(main)

@@ -1,7 +1,7 @@
 """Speed and memory of HybridMambaForCausalLM against transformers baselines of matched size.
 
-    python -m eval_harness.bench_speed [--out results/bench_speed] [--threads 2] [--quick]
-    python -m eval_harness.bench_speed --model RUN/final|PRESET [--baselines llama,bamba,mamba2]
+    python -m hybrid_mamba.eval_harness.bench_speed [--out results/bench_speed] [--threads 2] [--quick]
+    python -m hybrid_mamba.eval_harness.bench_speed --model RUN/final|PRESET [--baselines llama,bamba,mamba2]
                                        [--device cpu|cuda] [--out results/bench] [--threads 2] [--quick]
 
 Without --model, the fixed benchmark (`make bench`): four models, fp32, random init: ours (hidden
@@ -60,12 +60,12 @@ import numpy as np
 import torch
 from transformers import BambaForCausalLM, HfArgumentParser, LlamaConfig, LlamaForCausalLM, Mamba2ForCausalLM
 
-from common.files import save_figure, write_json_atomic, write_text_atomic
-from common.machine import machine
-from configuration import HybridMambaConfig, get_preset
-from configuration.param_counts import total_parameters
-from modeling import HybridMambaForCausalLM
-from modeling.convert import to_bamba_config, to_llama_config, to_mamba2_config
+from hybrid_mamba.common.files import save_figure, write_json_atomic, write_text_atomic
+from hybrid_mamba.common.machine import machine
+from hybrid_mamba.configuration import HybridMambaConfig, get_preset
+from hybrid_mamba.configuration.param_counts import total_parameters
+from hybrid_mamba.modeling import HybridMambaForCausalLM
+from hybrid_mamba.modeling.convert import to_bamba_config, to_llama_config, to_mamba2_config
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +73,12 @@ logger = logging.getLogger(__name__)
 # and vocabulary, MLP widened until the parameter count matches ours). llama_shape: a Llama with ours'
 # shape (same MLP width too), which is smaller, because a Mamba layer has more parameters than an
 # attention layer of the same width.
-MODEL_CLASSES = {"ours": HybridMambaForCausalLM, "bamba": BambaForCausalLM, "llama": LlamaForCausalLM,
-                 "llama_shape": LlamaForCausalLM}
+MODEL_CLASSES = {
+    "ours": HybridMambaForCausalLM,
+    "bamba": BambaForCausalLM,
+    "llama": LlamaForCausalLM,
+    "llama_shape": LlamaForCausalLM,
+}
 DEFAULT_BASELINES = ("bamba", "llama", "llama_shape")
 BASELINE_NOTES = {
     "bamba": "bamba: transformers' Bamba with ours' config.",
@@ -152,17 +156,23 @@ QUICK_PLAN = Plan(
 @dataclass
 class BenchArgs:
     model: str | None = field(
-        default=None, metadata={"help": "Model folder (config.json) or preset name; unset: the fixed benchmark size (BENCH_CONFIG)."}
+        default=None,
+        metadata={"help": "Model folder (config.json) or preset name; unset: the fixed benchmark size (BENCH_CONFIG)."},
     )
     baselines: str | None = field(
         default=None,
-        metadata={"help": "Comma-separated: llama, llama_shape, bamba, mamba2. Default: bamba,llama,llama_shape "
-                          "for the fixed size, llama,bamba with --model."},
+        metadata={
+            "help": "Comma-separated: llama, llama_shape, bamba, mamba2. Default: bamba,llama,llama_shape "
+            "for the fixed size, llama,bamba with --model."
+        },
     )
     device: str = field(default="cpu", metadata={"help": "cpu or cuda[:N]."})
     out: str | None = field(
-        default=None, metadata={"help": "Output folder. Default: results/bench_speed (bench_speed.json, .md, .png), "
-                                        "with --model results/bench (bench.json, .md, .png)."}
+        default=None,
+        metadata={
+            "help": "Output folder. Default: results/bench_speed (bench_speed.json, .md, .png), "
+            "with --model results/bench (bench.json, .md, .png)."
+        },
     )
     threads: int = field(default=2, metadata={"help": "torch.set_num_threads here and in the memory subprocesses."})
     quick: bool = field(default=False, metadata={"help": "Smoke-test sizes and repetitions (well under a minute)."})
@@ -185,7 +195,12 @@ def matched_configs(ours: HybridMambaConfig, baselines: tuple[str, ...] = DEFAUL
     and Mamba2 its default biases and dt range, as this benchmark has always measured them.
     """
     check_baselines(baselines)
-    build = {"bamba": to_bamba_config, "llama": equal_size_llama, "llama_shape": to_llama_config, "mamba2": to_mamba2_config}
+    build = {
+        "bamba": to_bamba_config,
+        "llama": equal_size_llama,
+        "llama_shape": to_llama_config,
+        "mamba2": to_mamba2_config,
+    }
     return {"ours": ours, **{name: build[name](ours) for name in baselines}}
 
 
@@ -249,7 +264,9 @@ def _round_robin(models: dict, reps: int, warmup: int, call, label: str) -> dict
 
 
 def measure_training(models: dict, plan: Plan, seed: int) -> dict:
-    batch = random_ids(next(iter(models.values())).config.vocab_size, (plan.train_batch, plan.train_seq), seed).to(_device(models))
+    batch = random_ids(next(iter(models.values())).config.vocab_size, (plan.train_batch, plan.train_seq), seed).to(
+        _device(models)
+    )
     optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-4) for name, model in models.items()}
     for model in models.values():
         model.train()
@@ -276,7 +293,11 @@ def measure_prefill(models: dict, plan: Plan, seed: int) -> dict:
     for length, reps in zip(plan.prefill_lengths, plan.prefill_reps, strict=True):
         ids = random_ids(vocab, (1, length), seed + length).to(_device(models))
         times = _round_robin(
-            models, reps, plan.warmup, lambda name, m: m(input_ids=ids, use_cache=False, logits_to_keep=1), f"prefill {length}"
+            models,
+            reps,
+            plan.warmup,
+            lambda name, m: m(input_ids=ids, use_cache=False, logits_to_keep=1),
+            f"prefill {length}",
         )
         results[str(length)] = {name: {"times_s": ts, "median_s": statistics.median(ts)} for name, ts in times.items()}
         gc.collect()
@@ -296,7 +317,9 @@ def measure_mamba_mixer(model, plan: Plan, seed: int) -> dict | None:
     mixer, device = layers[0].mamba, next(model.parameters()).device
     results = {}
     for length, reps in zip(plan.prefill_lengths, plan.prefill_reps, strict=True):
-        x = torch.randn(1, length, model.config.hidden_size, generator=torch.Generator().manual_seed(seed + length)).to(device)
+        x = torch.randn(1, length, model.config.hidden_size, generator=torch.Generator().manual_seed(seed + length)).to(
+            device
+        )
         times = [_timed(lambda: mixer(x), device) for _ in range(plan.warmup + reps)][plan.warmup :]
         med = statistics.median(times)
         results[str(length)] = {"times_s": times, "median_s": med, "us_per_token": med / length * 1e6}
@@ -326,22 +349,35 @@ def measure_decode(models: dict, plan: Plan, seed: int) -> dict:
         times = {name: [] for name in models}
         for i in range(n_steps):
             # position_ids given: Bamba does not derive them from the cache
-            step = dict(input_ids=tokens[:, i : i + 1], position_ids=torch.tensor([[prompt_len + i]], device=dev), use_cache=True)
+            step = dict(
+                input_ids=tokens[:, i : i + 1],
+                position_ids=torch.tensor([[prompt_len + i]], device=dev),
+                use_cache=True,
+            )
             for name, model in models.items():
+
                 def one(model=model, name=name):
                     caches[name] = returned_cache(model(**{args[name]: caches[name]}, **step))
 
                 dt = _timed(one, dev)
                 if i >= plan.decode_warmup:
                     times[name].append(dt)
-        del caches
+        caches.clear()
         gc.collect()
         results[str(prompt_len)] = {}
         for name, ts in times.items():
             p50, p95, p99 = np.percentile(ts, [50, 95, 99]).tolist()
-            results[str(prompt_len)][name] = {"step_s": ts, "p50_s": p50, "p95_s": p95, "p99_s": p99, "ttft_s": ttft[name]}
+            results[str(prompt_len)][name] = {
+                "step_s": ts,
+                "p50_s": p50,
+                "p95_s": p95,
+                "p99_s": p99,
+                "ttft_s": ttft[name],
+            }
         logger.info(
-            "decode after %d: p50 %s", prompt_len, ", ".join(f"{n} {r['p50_s'] * 1e3:.1f} ms" for n, r in results[str(prompt_len)].items())
+            "decode after %d: p50 %s",
+            prompt_len,
+            ", ".join(f"{n} {r['p50_s'] * 1e3:.1f} ms" for n, r in results[str(prompt_len)].items()),
         )
     return results
 
@@ -406,7 +442,12 @@ def measure_cuda_training_memory(configs: dict, plan: Plan, seed: int, device: s
             "allocated_after_build_mib": after_build / mib,
             "steps": plan.memory_steps,
         }
-        logger.info("memory %s: peak allocated %.0f MiB, %.0f MiB over the built model", name, peak / mib, (peak - after_build) / mib)
+        logger.info(
+            "memory %s: peak allocated %.0f MiB, %.0f MiB over the built model",
+            name,
+            peak / mib,
+            (peak - after_build) / mib,
+        )
         del model, optimizer, batch
     return results
 
@@ -421,9 +462,13 @@ def measure_training_memory(configs: dict, plan: Plan, threads: int, seed: int) 
         if r["peak_rss_mib"] <= r["inherited_maxrss_mib"]:
             logger.warning(
                 "memory %s: the peak RSS is the %.0f MiB inherited from the parent process, not this model's; "
-                "measure memory before the parent grows.", name, r["inherited_maxrss_mib"]
+                "measure memory before the parent grows.",
+                name,
+                r["inherited_maxrss_mib"],
             )
-        logger.info("memory %s: peak %.0f MiB, %.0f MiB over the built model", name, r["peak_rss_mib"], r["peak_over_build_mib"])
+        logger.info(
+            "memory %s: peak %.0f MiB, %.0f MiB over the built model", name, r["peak_rss_mib"], r["peak_over_build_mib"]
+        )
         results[name] = r
     return results
 
@@ -461,7 +506,9 @@ def _header(results: dict) -> list[str]:
 def _throughput_tables(results: dict) -> list[str]:
     """Parameters, training step throughput and prefill latency."""
     p, tr = results["plan"], results["training"]
-    lines = _table("Parameters", "Counted once per tensor.", "", [("parameters", results["parameters"])], ",", ratios=False)
+    lines = _table(
+        "Parameters", "Counted once per tensor.", "", [("parameters", results["parameters"])], ",", ratios=False
+    )
     lines += _table(
         "Training step throughput (tokens/s, higher is better)",
         f"Forward with labels, backward, AdamW step at batch {p['train_batch']} x {p['train_seq']}; median of "
@@ -476,7 +523,10 @@ def _throughput_tables(results: dict) -> list[str]:
         f"({', '.join(f'{n}: {r}' for n, r in zip(p['prefill_lengths'], p['prefill_reps']))}). "
         "Ratios are of times: below 1 means ours is faster.",
         "tokens",
-        [(length, {n: r["median_s"] * 1e3 for n, r in by_model.items()}) for length, by_model in results["prefill"].items()],
+        [
+            (length, {n: r["median_s"] * 1e3 for n, r in by_model.items()})
+            for length, by_model in results["prefill"].items()
+        ],
         ".1f",
     )
     return lines
@@ -521,7 +571,10 @@ def _decode_tables(results: dict) -> list[str]:
             "Batch 1, no grad: the prompt's prefill with use_cache=True up to the first token's id. "
             "Ratios are of times: below 1 means ours is faster.",
             "prompt",
-            [(prompt_len, {n: r["ttft_s"] * 1e3 for n, r in by_model.items()}) for prompt_len, by_model in decode.items()],
+            [
+                (prompt_len, {n: r["ttft_s"] * 1e3 for n, r in by_model.items()})
+                for prompt_len, by_model in decode.items()
+            ],
             ".1f",
         )
     return lines
@@ -536,7 +589,10 @@ def _memory_table(results: dict) -> list[str]:
             f"torch.cuda.max_memory_allocated over {p['memory_steps']} training steps at batch {p['train_batch']} x "
             f"{p['train_seq']}; 'over model' subtracts the memory allocated after building the model.",
             "peak allocated",
-            [("over model", {n: r["peak_over_build_mib"] for n, r in mem.items()}), ("absolute", {n: r["peak_allocated_mib"] for n, r in mem.items()})],
+            [
+                ("over model", {n: r["peak_over_build_mib"] for n, r in mem.items()}),
+                ("absolute", {n: r["peak_allocated_mib"] for n, r in mem.items()}),
+            ],
             ".0f",
         )
     return _table(
@@ -545,7 +601,10 @@ def _memory_table(results: dict) -> list[str]:
         "'over model' is ru_maxrss minus the RSS after building the model (activations, gradients, AdamW state); "
         "'absolute' is ru_maxrss. Ratios are of memory: below 1 means ours uses less.",
         "peak RSS",
-        [("over model", {n: r["peak_over_build_mib"] for n, r in mem.items()}), ("absolute", {n: r["peak_rss_mib"] for n, r in mem.items()})],
+        [
+            ("over model", {n: r["peak_over_build_mib"] for n, r in mem.items()}),
+            ("absolute", {n: r["peak_rss_mib"] for n, r in mem.items()}),
+        ],
         ".0f",
     )
 
@@ -577,7 +636,7 @@ def run_benchmark(
     torch.set_num_threads(threads)
     try:
         results = {
-            "command": command or " ".join(["python -m eval_harness.bench_speed", *sys.argv[1:]]),
+            "command": command or " ".join(["python -m hybrid_mamba.eval_harness.bench_speed", *sys.argv[1:]]),
             "machine": {**machine(threads), "device": device}
             | ({"gpu": torch.cuda.get_device_name(device)} if device.startswith("cuda") else {}),
             "plan": asdict(plan),
@@ -662,7 +721,9 @@ def run(args: BenchArgs) -> dict:
     stem = "bench_speed" if args.model is None else "bench"
     out = Path(args.out or f"results/{stem}")
     plan = QUICK_PLAN if args.quick else Plan()
-    results = run_benchmark(config, plan, out, args.threads, args.seed, baselines=baselines, device=args.device, stem=stem)
+    results = run_benchmark(
+        config, plan, out, args.threads, args.seed, baselines=baselines, device=args.device, stem=stem
+    )
     plot(results, out / f"{stem}.png")
     return results
 
@@ -674,6 +735,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from configuration.cli import run_main
+    from hybrid_mamba.common.cli import run_main
 
     run_main(main)

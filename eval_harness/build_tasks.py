@@ -1,6 +1,6 @@
 """Build the offline lm-eval tasks' data files from the held-out split of a DATA/ folder.
 
-    python -m eval_harness.build_tasks [--data_dir data/demo] [--out eval_harness/tasks/hybrid_mamba/data]
+    python -m hybrid_mamba.eval_harness.build_tasks [--data_dir data/demo] [--out eval_harness/tasks/hybrid_mamba/data]
 
 Reads DATA/validation (packed blocks; a document starts where position_ids restart at 0) and
 DATA/tokenizer, decodes every document piece of every block back to text, and writes two JSONL files:
@@ -27,8 +27,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from common.args import parse_args
-from common.files import write_text_atomic
+from hybrid_mamba.common.args import parse_args
+from hybrid_mamba.common.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,9 @@ class BuildArgs:
     mc_docs: int = field(default=40, metadata={"help": "Items of the multiple-choice task."})
     min_chars: int = field(default=400, metadata={"help": "Shortest document piece used, in characters."})
     context_chars: int = field(default=300, metadata={"help": "Least characters of a multiple-choice context."})
-    continuation_chars: int = field(default=80, metadata={"help": "Least characters of a continuation (at most twice this)."})
+    continuation_chars: int = field(
+        default=80, metadata={"help": "Least characters of a continuation (at most twice this)."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed for distractors and answer positions."})
 
 
@@ -53,7 +55,9 @@ def heldout_pieces(data_dir: Path) -> list[dict]:
 
     for sub in ("validation", "tokenizer"):
         if not (data_dir / sub).is_dir():
-            raise FileNotFoundError(f"{data_dir / sub} not found: pass --data_dir a folder written by data_scripts.prepare")
+            raise FileNotFoundError(
+                f"{data_dir / sub} not found: pass --data_dir a folder written by data_scripts.prepare"
+            )
     val = load_from_disk(str(data_dir / "validation"))
     tok = AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"))
     names = {}
@@ -87,7 +91,9 @@ def build(args: BuildArgs) -> dict[str, int]:
     """Write both JSONL files (temp file, then rename); returns the item counts."""
     pieces = [p for p in heldout_pieces(Path(args.data_dir)) if len(p["text"]) >= args.min_chars]
     if len(pieces) < args.ppl_docs + args.mc_docs:
-        raise ValueError(f"{args.data_dir}: {len(pieces)} held-out pieces of >= {args.min_chars} characters, need {args.ppl_docs + args.mc_docs}")
+        raise ValueError(
+            f"{args.data_dir}: {len(pieces)} held-out pieces of >= {args.min_chars} characters, need {args.ppl_docs + args.mc_docs}"
+        )
     # even indices for perplexity, odd ones for multiple choice: the two tasks never share text
     step = len(pieces) // (args.ppl_docs + args.mc_docs)
     chosen = pieces[:: max(step, 1)][: args.ppl_docs + args.mc_docs]
@@ -103,7 +109,11 @@ def build(args: BuildArgs) -> dict[str, int]:
             items.append({"context": context, "continuation": "\n" + cont, "source": p["source"]})
     items = items[: args.mc_docs]
     if len(items) < args.mc_docs:
-        logger.warning("only %d multiple-choice items (asked for %d): pieces without enough lines were skipped", len(items), args.mc_docs)
+        logger.warning(
+            "only %d multiple-choice items (asked for %d): pieces without enough lines were skipped",
+            len(items),
+            args.mc_docs,
+        )
     rng = random.Random(args.seed)
     mc = []
     for i, it in enumerate(items):
@@ -131,6 +141,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from configuration.cli import run_main
+    from hybrid_mamba.common.cli import run_main
 
     run_main(main)

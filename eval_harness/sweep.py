@@ -1,6 +1,6 @@
 """lm-eval over models x tasks x seeds, cached per cell, aggregated across seeds.
 
-    python -m eval_harness.sweep --models RUN/final OTHER/final --tasks offline --seeds 0 1 2 [--limit 20]
+    python -m hybrid_mamba.eval_harness.sweep --models RUN/final OTHER/final --tasks offline --seeds 0 1 2 [--limit 20]
 
 --tasks takes suite names (`offline`, `standard`, see SUITES) and lm-eval task or group names,
 mixed. Every (model, task, seed) cell runs `lm_eval.simple_evaluate` (the model is loaded once per
@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.args import parse_args
-from common.files import save_figure, write_json_atomic, write_text_atomic
-from common.lm_eval_results import metric_values
-from common.stats import summarize
+from hybrid_mamba.common.args import parse_args
+from hybrid_mamba.common.files import save_figure, write_json_atomic, write_text_atomic
+from hybrid_mamba.common.lm_eval_results import metric_values
+from hybrid_mamba.common.stats import summarize
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,16 @@ SUITES: dict[str, list[str]] = {
     # Hub data. Code benchmarks (humaneval, mbpp) are left out: lm-eval runs the model's code on
     # this machine and requires --confirm_run_unsafe_code, which a sweep should not grant silently.
     "standard": [
-        "mmlu", "hellaswag", "arc_easy", "arc_challenge", "truthfulqa_mc2",
-        "piqa", "winogrande", "boolq", "gsm8k", "wikitext",
+        "mmlu",
+        "hellaswag",
+        "arc_easy",
+        "arc_challenge",
+        "truthfulqa_mc2",
+        "piqa",
+        "winogrande",
+        "boolq",
+        "gsm8k",
+        "wikitext",
     ],
 }
 
@@ -54,13 +62,22 @@ SUITES: dict[str, list[str]] = {
 class SweepArgs:
     models: list[str] = field(metadata={"help": "Model folders (save_pretrained with tokenizer)."})
     tasks: list[str] = field(metadata={"help": f"Suites ({', '.join(SUITES)}) and/or lm-eval task names."})
-    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds; each sets lm-eval's random, numpy, torch and few-shot seeds."})
-    limit: float | None = field(default=None, metadata={"help": "lm-eval --limit: documents per task (or a fraction below 1)."})
+    seeds: list[int] = field(
+        default_factory=lambda: [0],
+        metadata={"help": "Seeds; each sets lm-eval's random, numpy, torch and few-shot seeds."},
+    )
+    limit: float | None = field(
+        default=None, metadata={"help": "lm-eval --limit: documents per task (or a fraction below 1)."}
+    )
     num_fewshot: int | None = field(default=None, metadata={"help": "Few-shot examples (task default when unset)."})
     batch_size: int = field(default=4, metadata={"help": "lm-eval batch size."})
     device: str = field(default="cpu", metadata={"help": "Device for HFLM (cpu, cuda, cuda:0)."})
-    include_path: str = field(default=str(TASKS_DIR), metadata={"help": "Extra lm-eval task folder (the offline tasks)."})
-    out: str = field(default="results/sweep", metadata={"help": "Output folder: cells/, results.json, results.md, results.png."})
+    include_path: str = field(
+        default=str(TASKS_DIR), metadata={"help": "Extra lm-eval task folder (the offline tasks)."}
+    )
+    out: str = field(
+        default="results/sweep", metadata={"help": "Output folder: cells/, results.json, results.md, results.png."}
+    )
 
 
 def expand_tasks(names: list[str]) -> list[str]:
@@ -122,7 +139,7 @@ def check_tasks(tasks: list[str], include_path: str) -> tuple[list[str], dict[st
             continue
         try:
             get_task_dict([t], tm)
-        except Exception as e:  # noqa: BLE001  (any failure to build a task is reported, the rest run)
+        except Exception as e:
             skipped[t] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             continue
         ok.append(t)
@@ -189,13 +206,17 @@ def markdown_table(agg: dict, skipped: dict[str, str], errors: list[dict], model
             elif s["ci95"] is None:
                 cells.append(f"{_fmt(s['mean'])} (n={s['n']})")
             else:
-                cells.append(f"{_fmt(s['mean'])} ± {_fmt(s['stderr'])} [{_fmt(s['ci95'][0])}, {_fmt(s['ci95'][1])}] (n={s['n']})")
+                cells.append(
+                    f"{_fmt(s['mean'])} ± {_fmt(s['stderr'])} [{_fmt(s['ci95'][0])}, {_fmt(s['ci95'][1])}] (n={s['n']})"
+                )
         lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n\nmean ± standard error across seeds [95% t-interval]\n"
     if skipped:
         text += "\nTasks not run:\n" + "".join(f"- {t}: {why}\n" for t, why in skipped.items())
     if errors:
-        text += "\nFailed cells:\n" + "".join(f"- {e['model']} / {e['task']} / seed {e['seed']}: {e['error']}\n" for e in errors)
+        text += "\nFailed cells:\n" + "".join(
+            f"- {e['model']} / {e['task']} / seed {e['seed']}: {e['error']}\n" for e in errors
+        )
     return text
 
 
@@ -221,7 +242,7 @@ def plot(agg: dict, path: Path) -> None:
         ax.bar(range(len(models)), means, yerr=errs, capsize=4)
         ax.set_xticks(range(len(models)), ["/".join(Path(m).parts[-2:]) for m in models], rotation=20, fontsize=7)
         ax.set_title(f"{task}\n{metric}", fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
     save_figure(fig, path)
@@ -241,7 +262,9 @@ def sweep(args: SweepArgs) -> dict:
     if not args.models or not args.tasks or not args.seeds:
         raise ValueError("--models, --tasks and --seeds each need at least one value")
     if not Path(args.include_path).is_dir():
-        raise FileNotFoundError(f"--include_path {args.include_path} is not a folder (lm-eval task YAMLs, default {TASKS_DIR})")
+        raise FileNotFoundError(
+            f"--include_path {args.include_path} is not a folder (lm-eval task YAMLs, default {TASKS_DIR})"
+        )
     from lm_eval.tasks import TaskManager
 
     out = Path(args.out)
@@ -262,7 +285,7 @@ def sweep(args: SweepArgs) -> dict:
                 if lm is None and load_error is None:
                     try:
                         lm = load_model(model, args)
-                    except Exception as e:  # noqa: BLE001  (reported per cell; other models still run)
+                    except Exception as e:
                         load_error = f"model does not load: {type(e).__name__}: {e}"
                 if load_error is not None:
                     errors.append({"model": model, "task": task, "seed": seed, "error": load_error})
@@ -270,7 +293,7 @@ def sweep(args: SweepArgs) -> dict:
                 logger.info("running: %s / %s / seed %d", model, task, seed)
                 try:
                     res = run_cell(lm, task, seed, args, tm)
-                except Exception as e:  # noqa: BLE001  (reported per cell; the sweep goes on)
+                except Exception as e:
                     errors.append({"model": model, "task": task, "seed": seed, "error": f"{type(e).__name__}: {e}"})
                     logger.error("failed: %s / %s / seed %d: %s", model, task, seed, e)
                     continue
@@ -285,7 +308,10 @@ def sweep(args: SweepArgs) -> dict:
         "format": "hybrid_mamba.sweep/1",
         "models": args.models,
         "tasks": tasks,
-        "seeds": {"values": args.seeds, "sets": ["random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed"]},
+        "seeds": {
+            "values": args.seeds,
+            "sets": ["random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed"],
+        },
         "limit": args.limit,
         "num_fewshot": args.num_fewshot,
         "cells": {f"{m} | {t} | seed {s}": str(cell_path(out, m, t, s)) for (m, t, s) in cells},
@@ -309,6 +335,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from configuration.cli import run_main
+    from hybrid_mamba.common.cli import run_main
 
     run_main(main)

@@ -109,8 +109,13 @@ def draw_layer_strip(layer_types: list, out: Path) -> None:
     ax.set_xlabel("layer")
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
-    ax.legend(handles=[Patch(color=MAMBA_COLOR, label="Mamba"), Patch(color=ATTENTION_COLOR, label="attention")],
-              loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8)
+    ax.legend(
+        handles=[Patch(color=MAMBA_COLOR, label="Mamba"), Patch(color=ATTENTION_COLOR, label="attention")],
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        frameon=False,
+        fontsize=8,
+    )
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -146,23 +151,49 @@ def _architecture(inp: CardInputs, assets: Path) -> str:
     if layer_types:
         draw_layer_strip(layer_types, assets / "layers.png")
         attn = [i for i, t in enumerate(layer_types) if t == "attention"]
-        lines += [f"![layer layout](assets/layers.png)", "",
-                  f"{len(layer_types)} layers: {len(layer_types) - len(attn)} Mamba{cfg.get('mamba_version', '')} "
-                  f"and {len(attn)} attention (at {attn}). Layout from `layer_types` in config.json.", ""]
-    keys = ["hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-            "mamba_version", "mamba_d_state", "mamba_head_dim", "mamba_expand", "mamba_d_conv", "vocab_size",
-            "max_position_embeddings", "position_embedding_type", "tie_word_embeddings", "dtype"]
+        lines += [
+            "![layer layout](assets/layers.png)",
+            "",
+            f"{len(layer_types)} layers: {len(layer_types) - len(attn)} Mamba{cfg.get('mamba_version', '')} "
+            f"and {len(attn)} attention (at {attn}). Layout from `layer_types` in config.json.",
+            "",
+        ]
+    keys = [
+        "hidden_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "mamba_version",
+        "mamba_d_state",
+        "mamba_head_dim",
+        "mamba_expand",
+        "mamba_d_conv",
+        "vocab_size",
+        "max_position_embeddings",
+        "position_embedding_type",
+        "tie_word_embeddings",
+        "dtype",
+    ]
     lines += ["| field | value |", "|---|---|"] + [f"| `{k}` | {cfg[k]} |" for k in keys if k in cfg] + [""]
     if inp.param_counts:
         c = inp.param_counts
-        lines += ["Parameters (`configuration.param_counts.count_parameters`, tied weights counted once):", "",
-                  "| total | non-embedding | embedding | Mamba mixers | attention | MLP |", "|---|---|---|---|---|---|",
-                  f"| {_fmt_count(c['total'])} | {_fmt_count(c['non_embedding'])} | {_fmt_count(c['embedding'])} | "
-                  f"{_fmt_count(c['mamba'])} | {_fmt_count(c['attention'])} | {_fmt_count(c['mlp'])} |", ""]
+        lines += [
+            "Parameters (`configuration.param_counts.count_parameters`, tied weights counted once):",
+            "",
+            "| total | non-embedding | embedding | Mamba mixers | attention | MLP |",
+            "|---|---|---|---|---|---|",
+            f"| {_fmt_count(c['total'])} | {_fmt_count(c['non_embedding'])} | {_fmt_count(c['embedding'])} | "
+            f"{_fmt_count(c['mamba'])} | {_fmt_count(c['attention'])} | {_fmt_count(c['mlp'])} |",
+            "",
+        ]
     if inp.adapter_config:
         a = inp.adapter_config
-        lines += [f"This repository holds a PEFT adapter ({a.get('peft_type')}, r={a.get('r')}, alpha={a.get('lora_alpha')}, "
-                  f"targets {a.get('target_modules')}) for the base model `{a.get('base_model_name_or_path')}`.", ""]
+        lines += [
+            f"This repository holds a PEFT adapter ({a.get('peft_type')}, r={a.get('r')}, alpha={a.get('lora_alpha')}, "
+            f"targets {a.get('target_modules')}) for the base model `{a.get('base_model_name_or_path')}`.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -170,22 +201,34 @@ def _training_data(inp: CardInputs) -> str:
     lines = ["## Training data", ""]
     report = inp.data_report
     if not report:
-        return "\n".join(lines + ["No data report was given (`--data DATA_DIR` with a `report.json` from data_scripts), "
-                                  "so this card does not describe the training data.", ""])
+        return "\n".join(
+            lines
+            + [
+                "No data report was given (`--data DATA_DIR` with a `report.json` from data_scripts), "
+                "so this card does not describe the training data.",
+                "",
+            ]
+        )
     train = report.get("splits", {}).get("train", {})
     shares = train.get("sources", {})
-    lines += [f"Prepared by `data_scripts` (recipe `{report.get('recipe')}`, fingerprint `{str(report.get('fingerprint'))[:12]}`): "
-              f"{train.get('tokens', 0):,} training tokens in blocks of {report.get('seq_len')} tokens, "
-              f"tokenizer vocabulary {report.get('vocab_size')}.", "",
-              "| source | licence | training tokens | share (target / achieved) | credit |", "|---|---|---|---|---|"]
+    lines += [
+        f"Prepared by `data_scripts` (recipe `{report.get('recipe')}`, fingerprint `{str(report.get('fingerprint'))[:12]}`): "
+        f"{train.get('tokens', 0):,} training tokens in blocks of {report.get('seq_len')} tokens, "
+        f"tokenizer vocabulary {report.get('vocab_size')}.",
+        "",
+        "| source | licence | training tokens | share (target / achieved) | credit |",
+        "|---|---|---|---|---|",
+    ]
     for src in report.get("sources", []):
         s = shares.get(src["name"], {})
         achieved = s.get("achieved_share")
-        lines.append(f"| {src['name']} | {src.get('license') or 'not recorded'} | {s.get('tokens', 0):,} | "
-                     f"{src.get('target_share', 0):.2f} / {achieved:.3f} | {src.get('attribution') or 'not recorded'} |"
-                     if achieved is not None else
-                     f"| {src['name']} | {src.get('license') or 'not recorded'} | not recorded | {src.get('target_share')} / - | "
-                     f"{src.get('attribution') or 'not recorded'} |")
+        lines.append(
+            f"| {src['name']} | {src.get('license') or 'not recorded'} | {s.get('tokens', 0):,} | "
+            f"{src.get('target_share', 0):.2f} / {achieved:.3f} | {src.get('attribution') or 'not recorded'} |"
+            if achieved is not None
+            else f"| {src['name']} | {src.get('license') or 'not recorded'} | not recorded | {src.get('target_share')} / - | "
+            f"{src.get('attribution') or 'not recorded'} |"
+        )
     return "\n".join(lines + [""])
 
 
@@ -193,23 +236,47 @@ def _training_procedure(inp: CardInputs, assets: Path) -> str:
     lines = ["## Training procedure", ""]
     s = inp.summary
     if not s:
-        return "\n".join(lines + ["No run summary was found (RUN/summary.json beside the model folder), so this card "
-                                  "does not describe the training run.", ""])
+        return "\n".join(
+            lines
+            + [
+                "No run summary was found (RUN/summary.json beside the model folder), so this card "
+                "does not describe the training run.",
+                "",
+            ]
+        )
     hw = s.get("hardware", {})
-    rows = [("steps", s.get("steps")), ("tokens seen", f"{s['tokens_seen']:,}" if "tokens_seen" in s else None),
-            ("global batch (sequences)", s.get("global_batch_sequences")), ("sequence length", s.get("seq_len")),
-            ("wall time", f"{s['wall_time_s']:.0f} s" if "wall_time_s" in s else None),
-            ("final validation loss", f"{s['final_val_loss']:.3f} nats/token" if "final_val_loss" in s else None),
-            ("best validation loss", f"{s['best_val_loss']:.3f} at step {s.get('best_step')}" if "best_val_loss" in s else None),
-            ("unigram baseline (validation)", f"{s['unigram_baseline_val_loss']:.3f} nats/token" if "unigram_baseline_val_loss" in s else None),
-            ("hardware", f"{hw.get('device')}, {hw.get('processes')} process(es), {hw.get('threads_per_process')} threads each, "
-                         f"{hw.get('distributed_type')}, mixed precision {hw.get('mixed_precision')}" if hw else None)]
+    rows = [
+        ("steps", s.get("steps")),
+        ("tokens seen", f"{s['tokens_seen']:,}" if "tokens_seen" in s else None),
+        ("global batch (sequences)", s.get("global_batch_sequences")),
+        ("sequence length", s.get("seq_len")),
+        ("wall time", f"{s['wall_time_s']:.0f} s" if "wall_time_s" in s else None),
+        ("final validation loss", f"{s['final_val_loss']:.3f} nats/token" if "final_val_loss" in s else None),
+        (
+            "best validation loss",
+            f"{s['best_val_loss']:.3f} at step {s.get('best_step')}" if "best_val_loss" in s else None,
+        ),
+        (
+            "unigram baseline (validation)",
+            f"{s['unigram_baseline_val_loss']:.3f} nats/token" if "unigram_baseline_val_loss" in s else None,
+        ),
+        (
+            "hardware",
+            f"{hw.get('device')}, {hw.get('processes')} process(es), {hw.get('threads_per_process')} threads each, "
+            f"{hw.get('distributed_type')}, mixed precision {hw.get('mixed_precision')}"
+            if hw
+            else None,
+        ),
+    ]
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows if v is not None] + [""]
     if inp.run_config:
         lines += [f"Hyperparameters (from `{inp.run_config_source}`):", "", "| field | value |", "|---|---|"]
         lines += [f"| `{k}` | {v} |" for k, v in inp.run_config.items() if not isinstance(v, (dict, list)) or v] + [""]
     else:
-        lines += ["The run folder does not record its training config; pass `--train-config` to list the hyperparameters.", ""]
+        lines += [
+            "The run folder does not record its training config; pass `--train-config` to list the hyperparameters.",
+            "",
+        ]
     if inp.metrics_path:
         train, val = read_metrics(inp.metrics_path)
         if train or val:
@@ -221,16 +288,28 @@ def _training_procedure(inp: CardInputs, assets: Path) -> str:
 def _evaluation(inp: CardInputs) -> str:
     lines = ["## Evaluation", ""]
     if not inp.eval_results:
-        return "\n".join(lines + ["No evaluation results were given (`--eval` with lm-eval results JSON): this model "
-                                  "has not been evaluated for this card.", ""])
-    lines += [f"lm-evaluation-harness results read from `{inp.eval_source}`.", "",
-              "| task | documents | metric | value | stderr |", "|---|---|---|---|---|"]
+        return "\n".join(
+            lines
+            + [
+                "No evaluation results were given (`--eval` with lm-eval results JSON): this model "
+                "has not been evaluated for this card.",
+                "",
+            ]
+        )
+    lines += [
+        f"lm-evaluation-harness results read from `{inp.eval_source}`.",
+        "",
+        "| task | documents | metric | value | stderr |",
+        "|---|---|---|---|---|",
+    ]
     documents = inp.eval_documents or {}
     for task, metrics in sorted(inp.eval_results.items()):
         n = documents.get(task)
         shown = "not recorded" if n is None else f"{n[0]} of {n[1]}" if n[1] not in (None, n[0]) else str(n[0])
         for metric, (value, stderr) in metrics.items():
-            lines.append(f"| {task} | {shown} | {metric} | {value:.4f} | {'-' if stderr is None else f'{stderr:.4f}'} |")
+            lines.append(
+                f"| {task} | {shown} | {metric} | {value:.4f} | {'-' if stderr is None else f'{stderr:.4f}'} |"
+            )
     return "\n".join(lines + [""])
 
 
@@ -238,64 +317,116 @@ def _speed(inp: CardInputs) -> str:
     lines = ["## Speed and memory", ""]
     b = inp.bench
     if not b:
-        return "\n".join(lines + ["No benchmark was given (`--bench` with a bench_speed JSON): speed and memory were "
-                                  "not measured for this card.", ""])
+        return "\n".join(
+            lines
+            + [
+                "No benchmark was given (`--bench` with a bench_speed JSON): speed and memory were "
+                "not measured for this card.",
+                "",
+            ]
+        )
     m = b["machine"]
     models = list(b["configs"])
     ours = b["configs"].get("ours", {})
-    same = all(ours.get(k) == inp.config.get(k) for k in ("layer_types", "hidden_size", "intermediate_size", "mamba_d_state"))
-    lines += [f"From `{inp.bench_source}` (`{b.get('command', 'eval_harness.bench_speed')}`) on {m.get('cpu')}, "
-              f"{m.get('threads')} threads, torch {m.get('torch')}, {m.get('date')}.",
-              "" if same else f"\nThe benchmark measured a model of the same family with hidden size {ours.get('hidden_size')} "
-              f"and layers {ours.get('layer_types')}, not this checkpoint's exact size; read the figures as relative.", "",
-              "| measurement | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
-    lines.append("| training tokens/s | " + " | ".join(f"{b['training'][k]['median_tokens_per_s']:.0f}" for k in models) + " |")
+    same = all(
+        ours.get(k) == inp.config.get(k) for k in ("layer_types", "hidden_size", "intermediate_size", "mamba_d_state")
+    )
+    lines += [
+        f"From `{inp.bench_source}` (`{b.get('command', 'eval_harness.bench_speed')}`) on {m.get('cpu')}, "
+        f"{m.get('threads')} threads, torch {m.get('torch')}, {m.get('date')}.",
+        ""
+        if same
+        else f"\nThe benchmark measured a model of the same family with hidden size {ours.get('hidden_size')} "
+        f"and layers {ours.get('layer_types')}, not this checkpoint's exact size; read the figures as relative.",
+        "",
+        "| measurement | " + " | ".join(models) + " |",
+        "|---|" + "---|" * len(models),
+    ]
+    lines.append(
+        "| training tokens/s | " + " | ".join(f"{b['training'][k]['median_tokens_per_s']:.0f}" for k in models) + " |"
+    )
     for length, row in b["prefill"].items():
-        lines.append(f"| prefill {length} tokens (ms) | " + " | ".join(f"{row[k]['median_s'] * 1e3:.1f}" for k in models) + " |")
+        lines.append(
+            f"| prefill {length} tokens (ms) | " + " | ".join(f"{row[k]['median_s'] * 1e3:.1f}" for k in models) + " |"
+        )
     for length, row in b["decode"].items():
-        lines.append(f"| decode p50 after {length} (ms/token) | " + " | ".join(f"{row[k]['p50_s'] * 1e3:.2f}" for k in models) + " |")
-    lines.append("| training peak RSS (MiB) | " + " | ".join(f"{b['memory'][k]['peak_rss_mib']:.0f}" for k in models) + " |")
+        lines.append(
+            f"| decode p50 after {length} (ms/token) | "
+            + " | ".join(f"{row[k]['p50_s'] * 1e3:.2f}" for k in models)
+            + " |"
+        )
+    lines.append(
+        "| training peak RSS (MiB) | " + " | ".join(f"{b['memory'][k]['peak_rss_mib']:.0f}" for k in models) + " |"
+    )
     return "\n".join(lines + [""])
 
 
 def _how_to_load(inp: CardInputs) -> str:
     if inp.adapter_config:
         base = inp.adapter_config.get("base_model_name_or_path")
-        code = (f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-                f"base = AutoModelForCausalLM.from_pretrained(\"{base}\", trust_remote_code=True)\n"
-                f"model = PeftModel.from_pretrained(base, \"{inp.repo_id}\")\n"
-                f"tokenizer = AutoTokenizer.from_pretrained(\"{inp.repo_id}\", trust_remote_code=True)\n")
+        code = (
+            f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'base = AutoModelForCausalLM.from_pretrained("{base}", trust_remote_code=True)\n'
+            f'model = PeftModel.from_pretrained(base, "{inp.repo_id}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{inp.repo_id}", trust_remote_code=True)\n'
+        )
     else:
-        code = (f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-                f"model = AutoModelForCausalLM.from_pretrained(\"{inp.repo_id}\", trust_remote_code=True)\n"
-                f"tokenizer = AutoTokenizer.from_pretrained(\"{inp.repo_id}\", trust_remote_code=True)\n"
-                f"ids = tokenizer(\"To be, or not to be\", return_tensors=\"pt\")\n"
-                f"print(tokenizer.decode(model.generate(**ids, max_new_tokens=40)[0]))\n")
+        code = (
+            f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{inp.repo_id}", trust_remote_code=True)\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{inp.repo_id}", trust_remote_code=True)\n'
+            f'ids = tokenizer("To be, or not to be", return_tensors="pt")\n'
+            f"print(tokenizer.decode(model.generate(**ids, max_new_tokens=40)[0]))\n"
+        )
     versions = []
     if inp.transformers_range:
         floor, tested = inp.transformers_range
-        versions = [f"Requires `transformers>={floor},<6`; tested with {floor} to {tested} (the code checks the installed "
-                    "release when it is imported and warns on a release newer than the tested one).", ""]
-    return "\n".join(["## How to load", "",
-                      "The modeling code ships in this repository (`configuration_hybrid_mamba.py`, `modeling_hybrid_mamba.py`): "
-                      "pass `trust_remote_code=True` to the model and to the tokenizer.", "", *versions, "```python", code + "```", "",
-                      f"With lm-evaluation-harness: `lm_eval --model hf --model_args pretrained={inp.repo_id},trust_remote_code=True --tasks ...`", ""])
+        versions = [
+            f"Requires `transformers>={floor},<6`; tested with {floor} to {tested} (the code checks the installed "
+            "release when it is imported and warns on a release newer than the tested one).",
+            "",
+        ]
+    return "\n".join(
+        [
+            "## How to load",
+            "",
+            "The modeling code ships in this repository (`configuration_hybrid_mamba.py`, `modeling_hybrid_mamba.py`): "
+            "pass `trust_remote_code=True` to the model and to the tokenizer.",
+            "",
+            *versions,
+            "```python",
+            code + "```",
+            "",
+            f"With lm-evaluation-harness: `lm_eval --model hf --model_args pretrained={inp.repo_id},trust_remote_code=True --tasks ...`",
+            "",
+        ]
+    )
 
 
 def _limitations(inp: CardInputs) -> str:
     lines = ["## Limitations", ""]
     s, r = inp.summary or {}, inp.data_report or {}
     if "tokens_seen" in s:
-        lines.append(f"- Trained on {s['tokens_seen']:,} tokens only" + (
-            f"; validation loss {s['final_val_loss']:.2f} against a unigram baseline of {s['unigram_baseline_val_loss']:.2f} nats/token"
-            if "final_val_loss" in s and "unigram_baseline_val_loss" in s else "") + ": expect text that is locally plausible and globally incoherent.")
+        lines.append(
+            f"- Trained on {s['tokens_seen']:,} tokens only"
+            + (
+                f"; validation loss {s['final_val_loss']:.2f} against a unigram baseline of {s['unigram_baseline_val_loss']:.2f} nats/token"
+                if "final_val_loss" in s and "unigram_baseline_val_loss" in s
+                else ""
+            )
+            + ": expect text that is locally plausible and globally incoherent."
+        )
     if r.get("sources"):
         lines.append(f"- It has seen only {', '.join(x['name'] for x in r['sources'])}; it knows nothing outside them.")
     if "seq_len" in s:
         lines.append(f"- Trained on sequences of {s['seq_len']} tokens; longer contexts are untested.")
-    lines += ["- Not instruction-tuned, not evaluated for bias, toxicity or factuality; not for any use where its output matters."
-              if not inp.adapter_config else "- The adapter inherits every limitation of its base model.",
-              "- The pure-PyTorch path runs anywhere; the CUDA kernels (mamba-ssm, causal-conv1d) are optional speed-ups.", ""]
+    lines += [
+        "- Not instruction-tuned, not evaluated for bias, toxicity or factuality; not for any use where its output matters."
+        if not inp.adapter_config
+        else "- The adapter inherits every limitation of its base model.",
+        "- The pure-PyTorch path runs anywhere; the CUDA kernels (mamba-ssm, causal-conv1d) are optional speed-ups.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -303,23 +434,44 @@ def build_card(inp: CardInputs, assets: Path) -> ModelCard:
     """The card (metadata + markdown); PNG figures are written into `assets`."""
     assets.mkdir(parents=True, exist_ok=True)
     eval_results = [
-        EvalResult(task_type="text-generation", dataset_type=task, dataset_name=task, metric_type=metric, metric_value=value)
-        for task, metrics in sorted((inp.eval_results or {}).items()) for metric, (value, _) in metrics.items()
+        EvalResult(
+            task_type="text-generation", dataset_type=task, dataset_name=task, metric_type=metric, metric_value=value
+        )
+        for task, metrics in sorted((inp.eval_results or {}).items())
+        for metric, (value, _) in metrics.items()
     ]
     datasets = [s["dataset"] for s in (inp.data_report or {}).get("sources", []) if s.get("dataset")]
     base_model = (inp.adapter_config or {}).get("base_model_name_or_path")
     data = ModelCardData(
-        license=inp.license, library_name="peft" if inp.adapter_config else "transformers",
-        tags=["hybrid-mamba", "mamba", "mamba2", "hybrid", "custom_code"] + inp.tags + (["lora", "peft"] if inp.adapter_config else []),
-        datasets=datasets or None, pipeline_tag="text-generation", base_model=base_model, model_name=inp.model_name,
+        license=inp.license,
+        library_name="peft" if inp.adapter_config else "transformers",
+        tags=["hybrid-mamba", "mamba", "mamba2", "hybrid", "custom_code"]
+        + inp.tags
+        + (["lora", "peft"] if inp.adapter_config else []),
+        datasets=datasets or None,
+        pipeline_tag="text-generation",
+        base_model=base_model,
+        model_name=inp.model_name,
         eval_results=eval_results or None,
     )
-    kind = "a PEFT adapter for a hybrid Mamba/attention causal language model" if inp.adapter_config else "a hybrid Mamba/attention causal language model"
+    kind = (
+        "a PEFT adapter for a hybrid Mamba/attention causal language model"
+        if inp.adapter_config
+        else "a hybrid Mamba/attention causal language model"
+    )
     return ModelCard.from_template(
-        data, template_path=str(TEMPLATE), model_name=inp.model_name, kind=kind, model_type=inp.config.get("model_type"),
-        architecture=_architecture(inp, assets), training_data=_training_data(inp),
-        training_procedure=_training_procedure(inp, assets), evaluation=_evaluation(inp), speed=_speed(inp),
-        how_to_load=_how_to_load(inp), limitations=_limitations(inp),
+        data,
+        template_path=str(TEMPLATE),
+        model_name=inp.model_name,
+        kind=kind,
+        model_type=inp.config.get("model_type"),
+        architecture=_architecture(inp, assets),
+        training_data=_training_data(inp),
+        training_procedure=_training_procedure(inp, assets),
+        evaluation=_evaluation(inp),
+        speed=_speed(inp),
+        how_to_load=_how_to_load(inp),
+        limitations=_limitations(inp),
     )
 
 

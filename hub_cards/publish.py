@@ -1,8 +1,8 @@
 """Publish a model (or a PEFT adapter) folder as a Hub-style model repo, with its card.
 
-    python -m hub_cards.publish --model RUN/final --to runs/tiny-repo [--eval RESULTS] [--bench bench.json]
+    python -m hybrid_mamba.hub_cards.publish --model RUN/final --to runs/tiny-repo [--eval RESULTS] [--bench bench.json]
         [--data DATA_DIR] [--run RUN] [--train-config CONFIG] [--message MSG] [--tag TAG] [--shard-size 2GB]
-    python -m hub_cards.publish --model RUN/final --to hf://owner/name ...   (needs HF_TOKEN and the network)
+    python -m hybrid_mamba.hub_cards.publish --model RUN/final --to hf://owner/name ...   (needs HF_TOKEN and the network)
 
 Everything is first written into a staging folder (exactly what the repo will hold: config.json with
 auto_map, the remote code, weights in safetensors, sharded past --shard-size with an index,
@@ -21,8 +21,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import lm_eval_results
-from common.args import parse_args
+from hybrid_mamba.common import lm_eval_results
+from hybrid_mamba.common.args import parse_args
 
 from .card import (
     CardInputs,
@@ -37,10 +37,41 @@ logger = logging.getLogger(__name__)
 
 # The .gitattributes a new model repo gets on the Hub: these patterns go through git-lfs.
 HUB_LFS_PATTERNS = [
-    "*.7z", "*.arrow", "*.bin", "*.bz2", "*.ckpt", "*.ftz", "*.gz", "*.h5", "*.joblib", "*.lfs.*", "*.mlmodel",
-    "*.model", "*.msgpack", "*.npy", "*.npz", "*.onnx", "*.ot", "*.parquet", "*.pb", "*.pickle", "*.pkl", "*.pt",
-    "*.pth", "*.rar", "*.safetensors", "saved_model/**/*", "*.tar.*", "*.tar", "*.tflite", "*.tgz", "*.wasm", "*.xz",
-    "*.zip", "*.zst", "*tfevents*",
+    "*.7z",
+    "*.arrow",
+    "*.bin",
+    "*.bz2",
+    "*.ckpt",
+    "*.ftz",
+    "*.gz",
+    "*.h5",
+    "*.joblib",
+    "*.lfs.*",
+    "*.mlmodel",
+    "*.model",
+    "*.msgpack",
+    "*.npy",
+    "*.npz",
+    "*.onnx",
+    "*.ot",
+    "*.parquet",
+    "*.pb",
+    "*.pickle",
+    "*.pkl",
+    "*.pt",
+    "*.pth",
+    "*.rar",
+    "*.safetensors",
+    "saved_model/**/*",
+    "*.tar.*",
+    "*.tar",
+    "*.tflite",
+    "*.tgz",
+    "*.wasm",
+    "*.xz",
+    "*.zip",
+    "*.zst",
+    "*tfevents*",
 ]
 HUB_PREFIXES = ("hf://", "hub:")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -56,18 +87,40 @@ class PublishArgs:
     """Publish a model or PEFT adapter folder, with its card, to a local or remote git repository or the Hub."""
 
     model: str = field(metadata={"help": "A save_pretrained folder (RUN/final) or a PEFT adapter folder."})
-    to: str = field(metadata={"help": "Target: a local path or git remote URL, or hf://owner/name for the Hugging Face Hub."})
+    to: str = field(
+        metadata={"help": "Target: a local path or git remote URL, or hf://owner/name for the Hugging Face Hub."}
+    )
     eval: str | None = field(default=None, metadata={"help": "lm-eval native results JSON, or a folder of them."})
-    bench: str | None = field(default=None, metadata={"help": "A bench_speed JSON (schema of docs/results/bench_speed.json)."})
-    data: str | None = field(default=None, metadata={"help": "DATA/ folder of data_scripts (its report.json fills the data section)."})
-    run: str | None = field(default=None, metadata={"help": "RUN/ folder (summary.json, metrics.jsonl); default: the model folder's parent when it has summary.json."})
-    train_config: str | None = field(default=None, metadata={"help": "The training config (YAML or JSON) the run used, for the hyperparameter table."})
+    bench: str | None = field(
+        default=None, metadata={"help": "A bench_speed JSON (schema of docs/results/bench_speed.json)."}
+    )
+    data: str | None = field(
+        default=None, metadata={"help": "DATA/ folder of data_scripts (its report.json fills the data section)."}
+    )
+    run: str | None = field(
+        default=None,
+        metadata={
+            "help": "RUN/ folder (summary.json, metrics.jsonl); default: the model folder's parent when it has summary.json."
+        },
+    )
+    train_config: str | None = field(
+        default=None,
+        metadata={"help": "The training config (YAML or JSON) the run used, for the hyperparameter table."},
+    )
     message: str = field(default="Publish model", metadata={"help": "Commit message."})
-    tag: str | None = field(default=None, metadata={"help": "Tag for the published revision; default v<N>, the next free number."})
-    shard_size: str = field(default="2GB", metadata={"help": "save_pretrained max_shard_size: weights past it are sharded with an index."})
-    name: str | None = field(default=None, metadata={"help": "Model name in the card; default: the target's last path component."})
+    tag: str | None = field(
+        default=None, metadata={"help": "Tag for the published revision; default v<N>, the next free number."}
+    )
+    shard_size: str = field(
+        default="2GB", metadata={"help": "save_pretrained max_shard_size: weights past it are sharded with an index."}
+    )
+    name: str | None = field(
+        default=None, metadata={"help": "Model name in the card; default: the target's last path component."}
+    )
     license: str = field(default="apache-2.0", metadata={"help": "Licence of the published weights (card metadata)."})
-    stage: str | None = field(default=None, metadata={"help": "Keep the staging folder here (must not exist); default: a temporary folder."})
+    stage: str | None = field(
+        default=None, metadata={"help": "Keep the staging folder here (must not exist); default: a temporary folder."}
+    )
 
     def __post_init__(self):
         if not re.fullmatch(r"\d+(\.\d+)?\s*[KMG]i?B", self.shard_size, flags=re.I):
@@ -99,7 +152,9 @@ def check_args(args: PublishArgs) -> dict:
     model = Path(args.model)
     adapter = (model / "adapter_config.json").is_file()
     if not adapter and not (model / "config.json").is_file():
-        raise FileNotFoundError(f"--model {model}: neither config.json (a save_pretrained folder) nor adapter_config.json (a PEFT adapter)")
+        raise FileNotFoundError(
+            f"--model {model}: neither config.json (a save_pretrained folder) nor adapter_config.json (a PEFT adapter)"
+        )
     if adapter and not (model / "adapter_model.safetensors").is_file():
         raise FileNotFoundError(f"--model {model}: adapter_config.json without adapter_model.safetensors")
     run = Path(args.run) if args.run else (model.parent if (model.parent / "summary.json").is_file() else None)
@@ -107,7 +162,9 @@ def check_args(args: PublishArgs) -> dict:
         raise FileNotFoundError(f"--run {run} has no summary.json")
     data = Path(args.data) if args.data else None
     if data is not None and not (data / "report.json").is_file():
-        raise FileNotFoundError(f"--data {data} has no report.json (write it with python -m data_scripts.prepare)")
+        raise FileNotFoundError(
+            f"--data {data} has no report.json (write it with python -m hybrid_mamba.data_scripts.prepare)"
+        )
     for flag, value in (("--eval", args.eval), ("--bench", args.bench), ("--train-config", args.train_config)):
         if value and not Path(value).exists():
             raise FileNotFoundError(f"{flag} {value} does not exist")
@@ -127,6 +184,7 @@ def check_args(args: PublishArgs) -> dict:
 def check_hub_reachable(repo_id: str):
     """The Hub needs HF_TOKEN and the network: fail with one message before staging or pushing anything."""
     from huggingface_hub import HfApi, constants
+
     # HTTPError: the base class of huggingface_hub's HTTP client errors (httpx2 in huggingface_hub 2.x, httpx in
     # 1.x): HfHubHTTPError (401, 404, 5xx) and the client's ConnectError and timeouts, which are not OSError.
     from huggingface_hub.errors import HfHubHTTPError, HTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
@@ -141,8 +199,10 @@ def check_hub_reachable(repo_id: str):
         api.whoami()
     except (HfHubHTTPError, HTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled, OSError) as err:
         reason = ": ".join([type(err).__name__, *str(err).strip().splitlines()[:1]])  # the first line names the cause
-        raise PublishError(f"cannot publish to the Hub ({repo_id}): {constants.ENDPOINT} is not reachable with this token "
-                           f"({reason}); nothing was pushed") from None
+        raise PublishError(
+            f"cannot publish to the Hub ({repo_id}): {constants.ENDPOINT} is not reachable with this token "
+            f"({reason}); nothing was pushed"
+        ) from None
     return api
 
 
@@ -160,16 +220,31 @@ def _card_inputs(args: PublishArgs, paths: dict, stage: Path, repo_name: str) ->
     config = json.loads((config_dir / "config.json").read_text()) if config_dir else {}
     param_counts = None
     if config.get("model_type") == "hybrid_mamba":
-        from configuration import HybridMambaConfig
-        from configuration.param_counts import count_parameters
+        from hybrid_mamba.configuration import HybridMambaConfig
+        from hybrid_mamba.configuration.param_counts import count_parameters
 
         param_counts = count_parameters(HybridMambaConfig.from_pretrained(config_dir))
-    config_file = Path(args.train_config) if args.train_config else next(
-        (p for p in (model / "finetune_config.json", run / "finetune_config.json" if run else None) if p and p.is_file()), None)
+    config_file = (
+        Path(args.train_config)
+        if args.train_config
+        else next(
+            (
+                p
+                for p in (model / "finetune_config.json", run / "finetune_config.json" if run else None)
+                if p and p.is_file()
+            ),
+            None,
+        )
+    )
     inp = CardInputs(
-        model_name=args.name or repo_name, config=config, repo_id=hub_repo_id(args.to) if is_hub_target(args.to) else repo_name,
-        license=args.license, adapter_config=adapter_config, param_counts=param_counts,
-        run_config=read_run_config(config_file) if config_file else None, run_config_source=str(config_file) if config_file else None,
+        model_name=args.name or repo_name,
+        config=config,
+        repo_id=hub_repo_id(args.to) if is_hub_target(args.to) else repo_name,
+        license=args.license,
+        adapter_config=adapter_config,
+        param_counts=param_counts,
+        run_config=read_run_config(config_file) if config_file else None,
+        run_config_source=str(config_file) if config_file else None,
         transformers_range=read_transformers_range(config_dir / "modeling_hybrid_mamba.py") if config_dir else None,
     )
     if paths["data"]:
@@ -210,7 +285,9 @@ def stage_repo(args: PublishArgs, paths: dict, stage: Path, repo_name: str) -> N
         logger.warning("%s holds no tokenizer files: the repo will have none", model_dir)
     card = build_card(_card_inputs(args, paths, stage, repo_name), stage / "assets")
     card.save(stage / "README.md")
-    (stage / ".gitattributes").write_text("".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in HUB_LFS_PATTERNS))
+    (stage / ".gitattributes").write_text(
+        "".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in HUB_LFS_PATTERNS)
+    )
 
 
 # targets
@@ -224,7 +301,10 @@ def _git(*args, cwd: Path) -> str:
 
 
 def git_lfs_available() -> bool:
-    return shutil.which("git") is not None and subprocess.run(["git", "lfs", "version"], capture_output=True).returncode == 0
+    return (
+        shutil.which("git") is not None
+        and subprocess.run(["git", "lfs", "version"], capture_output=True).returncode == 0
+    )
 
 
 def _next_tag(tags: list) -> str:
@@ -254,15 +334,20 @@ def publish_git(stage: Path, target: str, message: str, tag: str | None) -> dict
         if git_lfs_available():
             _git("lfs", "install", "--local", cwd=work)
         else:
-            logger.warning("git-lfs is not installed: large files are committed as ordinary git objects "
-                           "(the Hub needs LFS for files over 10 MB; install git-lfs before pushing there)")
+            logger.warning(
+                "git-lfs is not installed: large files are committed as ordinary git objects "
+                "(the Hub needs LFS for files over 10 MB; install git-lfs before pushing there)"
+            )
         for entry in work.iterdir():
             if entry.name != ".git":
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         shutil.copytree(stage, work, dirs_exist_ok=True)
         _git("add", "--all", ".", cwd=work)
-        identity = [] if subprocess.run(["git", "config", "user.email"], cwd=work, capture_output=True).returncode == 0 else [
-            "-c", "user.name=hybrid-mamba hub_cards", "-c", "user.email=hub_cards@localhost"]
+        identity = (
+            []
+            if subprocess.run(["git", "config", "user.email"], cwd=work, capture_output=True).returncode == 0
+            else ["-c", "user.name=hybrid-mamba hub_cards", "-c", "user.email=hub_cards@localhost"]
+        )
         _git(*identity, "commit", "-q", "--allow-empty", "-m", message, cwd=work)
         _git(*identity, "tag", "-a", tag, "-m", message, cwd=work)
         commit = _git("rev-parse", "HEAD", cwd=work)
@@ -290,17 +375,25 @@ def publish_hub(api, stage: Path, repo_id: str, message: str, tag: str | None) -
 def publish(args: PublishArgs) -> dict:
     paths = check_args(args)
     api = check_hub_reachable(hub_repo_id(args.to)) if is_hub_target(args.to) else None
-    repo_name = hub_repo_id(args.to).split("/")[1] if api else re.split(r"[/:]", args.to.rstrip("/"))[-1].removesuffix(".git")
+    repo_name = (
+        hub_repo_id(args.to).split("/")[1] if api else re.split(r"[/:]", args.to.rstrip("/"))[-1].removesuffix(".git")
+    )
     with tempfile.TemporaryDirectory(prefix="hub_cards_stage_") as tmp:
         stage = Path(tmp) / "repo"
         stage_repo(args, paths, stage, repo_name)
         check_no_credentials([stage])
-        result = publish_hub(api, stage, hub_repo_id(args.to), args.message, args.tag) if api else publish_git(stage, args.to, args.message, args.tag)
+        result = (
+            publish_hub(api, stage, hub_repo_id(args.to), args.message, args.tag)
+            if api
+            else publish_git(stage, args.to, args.message, args.tag)
+        )
         result["files"] = sorted(str(p.relative_to(stage)) for p in stage.rglob("*") if p.is_file())
         if args.stage:
             shutil.move(str(stage), args.stage)
             result["stage"] = args.stage
-    logger.info("published %s to %s (commit %s, tag %s)", args.model, result["target"], result["commit"][:12], result["tag"])
+    logger.info(
+        "published %s to %s (commit %s, tag %s)", args.model, result["target"], result["commit"][:12], result["tag"]
+    )
     return result
 
 
@@ -313,6 +406,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from configuration.cli import run_main
+    from hybrid_mamba.common.cli import run_main
 
     run_main(main)

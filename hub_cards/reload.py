@@ -1,6 +1,6 @@
 """Clone a published git repo and load it in a fresh process that cannot import this repository.
 
-    python -m hub_cards.reload --repo runs/tiny-repo --clone runs/tiny-repo-clone [--prompt TEXT] [--tokens N]
+    python -m hybrid_mamba.hub_cards.reload --repo runs/tiny-repo --clone runs/tiny-repo-clone [--prompt TEXT] [--tokens N]
 
 The child process blocks this repo's packages (common, configuration, modeling, trainers, data_scripts,
 eval_harness, hub_cards), runs outside it without PYTHONPATH, loads model and tokenizer with
@@ -17,11 +17,20 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.args import parse_args
+from hybrid_mamba.common.args import parse_args
 
 logger = logging.getLogger(__name__)
 
-REPO_PACKAGES = ("common", "configuration", "modeling", "trainers", "data_scripts", "eval_harness", "hub_cards")
+REPO_PACKAGES = (
+    "hybrid_mamba",
+    "common",
+    "configuration",
+    "modeling",
+    "trainers",
+    "data_scripts",
+    "eval_harness",
+    "hub_cards",
+)
 CHILD = """
 import importlib.abc, sys
 class BlockRepo(importlib.abc.MetaPathFinder):
@@ -65,10 +74,22 @@ def reload(repo: str, clone: Path, prompt: str, tokens: int) -> tuple[str, str, 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as elsewhere:
-        run = subprocess.run([sys.executable, "-c", CHILD.replace("PACKAGES", repr(REPO_PACKAGES)), str(clone.resolve()), prompt, str(tokens)],
-                             cwd=elsewhere, env=env, capture_output=True, text=True)
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                CHILD.replace("PACKAGES", repr(REPO_PACKAGES)),
+                str(clone.resolve()),
+                prompt,
+                str(tokens),
+            ],
+            cwd=elsewhere,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
     if run.returncode != 0:
-        from configuration.cli import debug_enabled
+        from hybrid_mamba.common.cli import debug_enabled
 
         if debug_enabled():  # --debug: the child's traceback too
             sys.stderr.write(run.stderr[-3000:])
@@ -101,6 +122,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from configuration.cli import run_main
+    from hybrid_mamba.common.cli import run_main
 
     run_main(main)

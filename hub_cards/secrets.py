@@ -10,9 +10,23 @@ files are skipped: their bytes are numbers, not text.
 import os
 from pathlib import Path
 
-from common.credentials import find_key
+from hybrid_mamba.common.credentials import find_key
 
-BINARY_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".png", ".jpg", ".jpeg", ".gif", ".pkl", ".arrow", ".parquet", ".npy", ".npz"}
+BINARY_SUFFIXES = {
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".gif",
+    ".pkl",
+    ".arrow",
+    ".parquet",
+    ".npy",
+    ".npz",
+}
 
 
 class CredentialError(ValueError):
@@ -46,9 +60,15 @@ def check_no_credentials(paths) -> None:
     """Raise CredentialError naming the first file (under any of `paths`, files or folders) that looks like a credential."""
     for root in paths:
         root = Path(root)
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and ".git" not in p.relative_to(root).parts)
+        files = (
+            [root]
+            if root.is_file()
+            else sorted(p for p in root.rglob("*") if p.is_file() and ".git" not in p.relative_to(root).parts)
+        )
         for file in files:
             reason = find_credential(file)
             if reason:
-                raise CredentialError(f"refusing to publish: {file} looks like it holds a credential ({reason}). "
-                                      "Remove it; credentials come from the environment (HF_TOKEN) only.")
+                raise CredentialError(
+                    f"refusing to publish: {file} looks like it holds a credential ({reason}). "
+                    "Remove it; credentials come from the environment (HF_TOKEN) only."
+                )

@@ -7,7 +7,7 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from configuration import HybridMambaConfig
+from hybrid_mamba.configuration import HybridMambaConfig
 
 from .modeling_hybrid_mamba import (
     HybridMambaForCausalLM,

@@ -1,6 +1,6 @@
 """Convert transformers Llama, Mamba and Mamba-2 causal LMs into `HybridMambaForCausalLM`, weight for weight.
 
-    python -m modeling.convert --src SRC_DIR --out OUT_DIR [--dtype float32|bfloat16|float16]
+    python -m hybrid_mamba.modeling.convert --src SRC_DIR --out OUT_DIR [--dtype float32|bfloat16|float16]
 
 `LlamaForCausalLM` becomes an all-"attention" stack, `MambaForCausalLM` an all-"mamba1" stack and
 `Mamba2ForCausalLM` an all-"mamba2" stack, both without MLPs (`intermediate_size=0`). From Python,
@@ -28,9 +28,9 @@ from transformers import (
     MambaForCausalLM,
 )
 
-from common.args import parse_args
-from configuration.configuration_hybrid_mamba import HybridMambaConfig
-from modeling.modeling_hybrid_mamba import HybridMambaForCausalLM
+from hybrid_mamba.common.args import parse_args
+from hybrid_mamba.configuration.configuration_hybrid_mamba import HybridMambaConfig
+from hybrid_mamba.modeling.modeling_hybrid_mamba import HybridMambaForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +279,10 @@ def convert(src) -> HybridMambaForCausalLM:
     cast(model, src_dtype).to(src_param.device)
     logger.info(
         "Converted %s (%d layers, %s) into HybridMambaForCausalLM with layer type %r.",
-        type(src).__name__, config.num_hidden_layers, src_dtype, config.layer_types[0],
+        type(src).__name__,
+        config.num_hidden_layers,
+        src_dtype,
+        config.layer_types[0],
     )
     return model.eval()
 
@@ -303,7 +306,9 @@ class ConvertArgs:
 
     src: Path = field(metadata={"help": "Saved LlamaForCausalLM, MambaForCausalLM or Mamba2ForCausalLM folder."})
     out: Path = field(metadata={"help": "Output folder for the HybridMambaForCausalLM (with remote code)."})
-    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "dtype of the saved weights."})
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32", metadata={"help": "dtype of the saved weights."}
+    )
 
 
 def main(argv=None):
@@ -319,6 +324,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from configuration.cli import run_main
+    from hybrid_mamba.common.cli import run_main
 
     run_main(main)

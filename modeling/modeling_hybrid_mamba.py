@@ -111,7 +111,7 @@ def _cache_of(outputs) -> Cache | None:
 try:  # in a saved model folder, the configuration module sits beside this file
     from .configuration_hybrid_mamba import HybridMambaConfig
 except ImportError:  # in the hybrid-mamba repository
-    from configuration.configuration_hybrid_mamba import HybridMambaConfig
+    from hybrid_mamba.configuration.configuration_hybrid_mamba import HybridMambaConfig
 
 try:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -128,7 +128,7 @@ logger = logging.get_logger(__name__)
 
 # Chunk length of the pure-torch SSD scan on CPU. The result does not depend on it (up to rounding);
 # `config.mamba_chunk_size` is the kernels' choice. The scan alone, forward + backward, 2 threads,
-# 16 heads of 64, state 128 (python -m eval_harness.bench_scan, docs/results/bench_scan.md): 64 is
+# 16 heads of 64, state 128 (python -m hybrid_mamba.eval_harness.bench_scan, docs/results/bench_scan.md): 64 is
 # the fastest of 32/64/128/256 at 4x512 and 1x2048 tokens (and forward at 8192); 256 is 1.7-2.1x slower.
 CPU_CHUNK_SIZE = 64
 # Longest block of tokens a Mamba-2 mixer processes at once on CPU (longer inputs without segments are
@@ -161,10 +161,14 @@ class HybridMambaKVLayer(DynamicLayer):
         n, m = self.get_seq_length(), key_states.shape[-2]
         kb, vb = getattr(self, "_key_buffer", None), getattr(self, "_value_buffer", None)
         reusable = (
-            kb is not None and n > 0
-            and self.keys.data_ptr() == kb.data_ptr() and self.values.data_ptr() == vb.data_ptr()
-            and self.keys.shape[:-2] == key_states.shape[:-2] and kb.shape[-2] >= n + m
-            and kb.dtype == key_states.dtype and kb.device == key_states.device
+            kb is not None
+            and n > 0
+            and self.keys.data_ptr() == kb.data_ptr()
+            and self.values.data_ptr() == vb.data_ptr()
+            and self.keys.shape[:-2] == key_states.shape[:-2]
+            and kb.shape[-2] >= n + m
+            and kb.dtype == key_states.dtype
+            and kb.device == key_states.device
         )
         if not reusable:
             # a prefill gets room for 256 more tokens; a cache that outgrows its buffer half again
@@ -463,7 +467,12 @@ class _SSDChunks:
         self.C = self.groups(C.view(b, c, L, g, n))
         causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
         if seq_idx is None:
-            self.keep, self.in_leaving_segment, self.in_entering_segment, self.entering_passes = causal, None, None, None
+            self.keep, self.in_leaving_segment, self.in_entering_segment, self.entering_passes = (
+                causal,
+                None,
+                None,
+                None,
+            )
         else:
             seg = seq_idx.view(b, c, L)
             self.keep = (causal & (seg[..., :, None] == seg[..., None, :])).unsqueeze(2)  # (B, C, 1, L, L)
@@ -575,9 +584,15 @@ class SSDChunkScan(torch.autograd.Function):
         del xw
         # 3. across chunks: turn `states` into the state entering each chunk, in place
         a = chunks.decay_pass()  # (B, C, H)
-        s = x.new_zeros(b, chunks.g, chunks.n, h // chunks.g * p) if initial_state is None else _states_from_bhpn(initial_state, chunks)
+        s = (
+            x.new_zeros(b, chunks.g, chunks.n, h // chunks.g * p)
+            if initial_state is None
+            else _states_from_bhpn(initial_state, chunks)
+        )
         for k in range(c):
-            s_next = torch.addcmul(chunks.state_heads(states[:, k]), chunks.state_heads(s), chunks.per_head(a[:, k])).view_as(s)
+            s_next = torch.addcmul(
+                chunks.state_heads(states[:, k]), chunks.state_heads(s), chunks.per_head(a[:, k])
+            ).view_as(s)
             states[:, k].copy_(s)
             s = s_next
         # 4. output of the entering state: y_l += exp(cs_l) C_l . entering
@@ -609,11 +624,17 @@ class SSDChunkScan(torch.autograd.Function):
         del dy_od, dy_od_g
         # 3. across chunks, backwards; d_entering becomes the gradient of each chunk's state in place
         a = chunks.decay_pass()
-        gs = x.new_zeros(b, chunks.g, chunks.n, h // chunks.g * p) if dfinal is None else _states_from_bhpn(dfinal, chunks)
+        gs = (
+            x.new_zeros(b, chunks.g, chunks.n, h // chunks.g * p)
+            if dfinal is None
+            else _states_from_bhpn(dfinal, chunks)
+        )
         da = x.new_empty(b, c, h)
         for k in range(c - 1, -1, -1):
             da[:, k] = (chunks.state_heads(gs) * chunks.state_heads(entering[:, k])).sum((2, 4)).view(b, h)
-            g_prev = torch.addcmul(chunks.state_heads(d_entering[:, k]), chunks.state_heads(gs), chunks.per_head(a[:, k])).view_as(gs)
+            g_prev = torch.addcmul(
+                chunks.state_heads(d_entering[:, k]), chunks.state_heads(gs), chunks.per_head(a[:, k])
+            ).view_as(gs)
             d_entering[:, k].copy_(gs)
             gs = g_prev
         d_initial = _states_to_bhpn(gs, chunks) if ctx.has_initial_state else None
@@ -722,7 +743,9 @@ class RMSNormFunction(torch.autograd.Function):
 def rms_norm(x, weight, gate=None, eps=1e-6, group_size=None):
     """`rms_norm_ref`'s contract, computed by `RMSNormFunction` when a gradient is wanted; without one
     (inference, decode) by `rms_norm_ref` itself, without the autograd.Function's per-call overhead."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (gate is not None and gate.requires_grad)):
+    if torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (gate is not None and gate.requires_grad)
+    ):
         return RMSNormFunction.apply(x, weight, gate, eps, group_size or x.shape[-1])
     return rms_norm_ref(x, weight, gate, eps, group_size)
 
@@ -888,10 +911,18 @@ class HybridMambaAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
-        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias)
-        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+        self.q_proj = nn.Linear(
+            config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.attention_bias
+        )
+        self.k_proj = nn.Linear(
+            config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias
+        )
+        self.v_proj = nn.Linear(
+            config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias
+        )
+        self.o_proj = nn.Linear(
+            config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias
+        )
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
@@ -985,10 +1016,16 @@ class HybridMamba2Mixer(_MambaMixerBase):
         self.chunk_size = config.mamba_chunk_size
         self.dt_limit = tuple(config.mamba_dt_limit)
         self.conv_dim = self.d_inner + 2 * self.n_groups * self.d_state
-        self.in_proj = nn.Linear(self.hidden_size, self.d_inner + self.conv_dim + self.num_heads, bias=config.mamba_proj_bias)
+        self.in_proj = nn.Linear(
+            self.hidden_size, self.d_inner + self.conv_dim + self.num_heads, bias=config.mamba_proj_bias
+        )
         self.conv1d = nn.Conv1d(
-            self.conv_dim, self.conv_dim, config.mamba_d_conv, groups=self.conv_dim,
-            padding=config.mamba_d_conv - 1, bias=config.mamba_conv_bias,
+            self.conv_dim,
+            self.conv_dim,
+            config.mamba_d_conv,
+            groups=self.conv_dim,
+            padding=config.mamba_d_conv - 1,
+            bias=config.mamba_conv_bias,
         )
         self.dt_bias = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32))
         self.A_log = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32))
@@ -1038,8 +1075,17 @@ class HybridMamba2Mixer(_MambaMixerBase):
             C = C.reshape(b, t, self.n_groups, self.d_state)
             if _use_kernels(self, x) and mamba_chunk_scan_combined is not None:
                 y, final = mamba_chunk_scan_combined(
-                    x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
-                    dt_limit=self.dt_limit, initial_states=state,
+                    x,
+                    dt,
+                    A,
+                    B,
+                    C,
+                    self.chunk_size,
+                    D=self.D,
+                    dt_bias=self.dt_bias,
+                    dt_softplus=True,
+                    dt_limit=self.dt_limit,
+                    initial_states=state,
                     seq_idx=seq_idx.to(torch.int32) if seq_idx is not None else None,
                     return_final_states=True,
                 )
@@ -1067,9 +1113,14 @@ class HybridMamba2Mixer(_MambaMixerBase):
         # mamba-ssm's step kernel has no dt clamp: use it only when the limit is the default (0, inf)
         if _use_kernels(self, x) and selective_state_update is not None and self.dt_limit == (0.0, float("inf")):
             y = selective_state_update(
-                state, x, dt[:, 0, :, None].expand(-1, -1, self.head_dim),
-                A[:, None, None].expand(-1, self.head_dim, self.d_state), B, C,
-                D=self.D[:, None].expand(-1, self.head_dim), dt_bias=self.dt_bias[:, None].expand(-1, self.head_dim),
+                state,
+                x,
+                dt[:, 0, :, None].expand(-1, -1, self.head_dim),
+                A[:, None, None].expand(-1, self.head_dim, self.d_state),
+                B,
+                C,
+                D=self.D[:, None].expand(-1, self.head_dim),
+                dt_bias=self.dt_bias[:, None].expand(-1, self.head_dim),
                 dt_softplus=True,
             )
             return y.reshape(b, 1, self.d_inner)
@@ -1104,8 +1155,12 @@ class HybridMamba1Mixer(_MambaMixerBase):
         self.dt_rank = config.mamba_dt_rank
         self.in_proj = nn.Linear(self.hidden_size, 2 * self.d_inner, bias=config.mamba_proj_bias)
         self.conv1d = nn.Conv1d(
-            self.d_inner, self.d_inner, config.mamba_d_conv, groups=self.d_inner,
-            padding=config.mamba_d_conv - 1, bias=config.mamba_conv_bias,
+            self.d_inner,
+            self.d_inner,
+            config.mamba_d_conv,
+            groups=self.d_inner,
+            padding=config.mamba_d_conv - 1,
+            bias=config.mamba_conv_bias,
         )
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
         self.dt_proj = HybridMambaTimestepProj(self.dt_rank, self.d_inner, bias=True)
@@ -1136,7 +1191,12 @@ class HybridMamba1Mixer(_MambaMixerBase):
             y = y.unsqueeze(1)
         elif _use_kernels(self, x) and selective_scan_fn is not None and seq_idx is None and state is None:
             y, final = selective_scan_fn(
-                x.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
+                x.transpose(1, 2),
+                dt.transpose(1, 2),
+                A,
+                B.transpose(1, 2),
+                C.transpose(1, 2),
+                self.D.float(),
                 return_last_state=True,
             )
             y = y.transpose(1, 2)
@@ -1166,7 +1226,9 @@ class HybridMambaDecoderLayer(GradientCheckpointingLayer):
         else:
             self.mamba = mixer
         if config.intermediate_size > 0:
-            self.pre_mlp_layernorm = HybridMambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps, ops=config.mamba_ops)
+            self.pre_mlp_layernorm = HybridMambaRMSNorm(
+                config.hidden_size, eps=config.rms_norm_eps, ops=config.mamba_ops
+            )
             self.mlp = HybridMambaMLP(config)
         else:
             self.mlp = None
@@ -1336,7 +1398,12 @@ class HybridMambaModel(HybridMambaPreTrainedModel):
         causal_mask = None
         if "attention" in self.config.layer_types:
             mask_cache = cache
-            if seq_idx is not None and attention_mask is None and mask_cache is not None and mask_cache.get_seq_length() == 0:
+            if (
+                seq_idx is not None
+                and attention_mask is None
+                and mask_cache is not None
+                and mask_cache.get_seq_length() == 0
+            ):
                 # Packed documents in a first forward: transformers builds the block-causal mask only
                 # when it sees no cache.
                 mask_cache = None
@@ -1449,7 +1516,10 @@ def write_remote_code(save_directory) -> list[Path]:
 
     out = Path(save_directory)
     written = []
-    for obj, name in ((HybridMambaConfig, "configuration_hybrid_mamba.py"), (HybridMambaModel, "modeling_hybrid_mamba.py")):
+    for obj, name in (
+        (HybridMambaConfig, "configuration_hybrid_mamba.py"),
+        (HybridMambaModel, "modeling_hybrid_mamba.py"),
+    ):
         src = Path(inspect.getsourcefile(obj))
         dst = out / name
         if src.resolve() != dst.resolve():

@@ -96,7 +96,11 @@ def run_check(venv: Path, name: str, targets: list[str], log: Path, workdir: Pat
     xml = workdir / f"{venv.name}-{name.replace(' ', '_')}.xml"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     start = time.perf_counter()
-    code = run([venv / "bin" / "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *targets], log, env)
+    code = run(
+        [venv / "bin" / "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *targets],
+        log,
+        env,
+    )
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     if xml.exists():
         suite = ET.parse(xml).getroot()
@@ -151,7 +155,9 @@ def _write(path: Path, text: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profiles", nargs="+", default=["floor", "newest"], choices=["floor", "newest"])
-    ap.add_argument("--pin", action="append", default=[], help="an extra requirement for every profile, e.g. transformers==5.23.0")
+    ap.add_argument(
+        "--pin", action="append", default=[], help="an extra requirement for every profile, e.g. transformers==5.23.0"
+    )
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "hybrid-mamba-compat")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "compat.md", help="markdown table; JSON beside it")
     ap.add_argument("--keep", action="store_true", help="keep the virtual environments")
@@ -175,7 +181,10 @@ def main(argv=None) -> int:
             for check, targets in CHECKS.items():
                 r = run_check(venv, check, targets, log, args.workdir)
                 results[profile]["checks"][check] = r
-                print(f"[{profile}] {check}: {'pass' if r['ok'] else 'FAIL'} ({r['passed']} passed, {r['failures'] + r['errors']} failed, {r['seconds']} s)", flush=True)
+                print(
+                    f"[{profile}] {check}: {'pass' if r['ok'] else 'FAIL'} ({r['passed']} passed, {r['failures'] + r['errors']} failed, {r['seconds']} s)",
+                    flush=True,
+                )
             if not args.keep:
                 shutil.rmtree(venv, ignore_errors=True)
         command = "python requirements/compat.py" + "".join(f" --pin {p}" for p in args.pin)

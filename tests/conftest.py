@@ -8,8 +8,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import modeling  # noqa: E402,F401  (registers the Auto classes)
-from configuration import HybridMambaConfig, get_preset  # noqa: E402
+import hybrid_mamba.modeling  # noqa: F401  (registers the Auto classes)
+from hybrid_mamba.configuration import HybridMambaConfig, get_preset
 
 LAYOUTS = {
     "hybrid": ["mamba2", "attention", "mamba1", "mamba2"],
@@ -62,7 +62,13 @@ def write_tiny_data(root, seq_len=32, train_blocks=48, val_blocks=8, seed=0):
         positions += list(range(len(ids)))
     blocks = len(stream) // seq_len
     # a block cut mid-document keeps that document's positions; the next document restarts at 0
-    rows = [{"input_ids": stream[i * seq_len : (i + 1) * seq_len], "position_ids": positions[i * seq_len : (i + 1) * seq_len]} for i in range(blocks)]
+    rows = [
+        {
+            "input_ids": stream[i * seq_len : (i + 1) * seq_len],
+            "position_ids": positions[i * seq_len : (i + 1) * seq_len],
+        }
+        for i in range(blocks)
+    ]
     assert len(rows) >= train_blocks + val_blocks
     Dataset.from_list(rows[:train_blocks]).save_to_disk(str(root / "train"))
     Dataset.from_list(rows[train_blocks : train_blocks + val_blocks]).save_to_disk(str(root / "validation"))

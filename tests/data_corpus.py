@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from data_scripts.prepare import PrepareArguments, prepare
+from hybrid_mamba.data_scripts.prepare import PrepareArguments, prepare
 
 WORDS = [
     "time",

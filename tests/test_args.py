@@ -5,8 +5,8 @@ from typing import Literal
 
 import pytest
 
-from common.args import load_dataclass, parse_args, parse_known_args
-from configuration.cli import run_main
+from hybrid_mamba.common.args import load_dataclass, parse_args, parse_known_args
+from hybrid_mamba.common.cli import run_main
 
 
 class SpecError(ValueError):
@@ -59,8 +59,14 @@ def _load(data):
 
 
 def test_nested_loading_converts_and_fills_defaults():
-    spec = _load({"items": [{"name": "a", "weight": 1, "tags": "x", "rule": {"kind": "code", "limits": {"min": 2, "max": None}}},
-                            {"name": "b", "weight": 0.5, "rule": None}]})
+    spec = _load(
+        {
+            "items": [
+                {"name": "a", "weight": 1, "tags": "x", "rule": {"kind": "code", "limits": {"min": 2, "max": None}}},
+                {"name": "b", "weight": 0.5, "rule": None},
+            ]
+        }
+    )
     assert spec.seed == 0 and spec.items[0].weight == 1.0 and isinstance(spec.items[0].weight, float)
     assert spec.items[0].tags == ["x"] and spec.items[0].rule == Rule(kind="code", limits={"min": 2.0, "max": None})
     assert spec.items[1].rule is None and spec.items[1].tags == []
@@ -69,16 +75,23 @@ def test_nested_loading_converts_and_fills_defaults():
 @pytest.mark.parametrize(
     "data, message",
     [
-        ({"items": [{"name": "a", "weight": 1, "rule": {"kind": "prosee"}}]},
-         "items[0].rule.kind: 'prosee' is not one of prose, code (did you mean 'prose'?)"),
-        ({"items": [{"name": "a", "weight": 1, "wieght": 2}]},
-         "items[0]: unknown field 'wieght' (did you mean 'weight'?). Valid fields: name, weight, rule, tags"),
+        (
+            {"items": [{"name": "a", "weight": 1, "rule": {"kind": "prosee"}}]},
+            "items[0].rule.kind: 'prosee' is not one of prose, code (did you mean 'prose'?)",
+        ),
+        (
+            {"items": [{"name": "a", "weight": 1, "wieght": 2}]},
+            "items[0]: unknown field 'wieght' (did you mean 'weight'?). Valid fields: name, weight, rule, tags",
+        ),
         ({"items": [], "sed": 1}, "unknown field 'sed' (did you mean 'seed'?). Valid fields: items, seed"),
         ({"items": [{"name": "a", "weight": "heavy"}]}, "items[0].weight: expected a number, got 'heavy'"),
         ({"items": [{"name": "a", "weight": 1, "tags": [1]}]}, "items[0].tags[0]: expected a string, got 1"),
         ({"items": [{"name": "a"}]}, "items[0]: missing required field 'weight'"),
         ({"items": [{"name": "a", "weight": 1}], "seed": True}, "seed: expected an integer, got True"),
-        ({"items": [{"name": "a", "weight": 1, "rule": {"limits": {"min": -1}}}]}, "items[0].rule.limits: min must not be negative"),
+        (
+            {"items": [{"name": "a", "weight": 1, "rule": {"limits": {"min": -1}}}]},
+            "items[0].rule.limits: min must not be negative",
+        ),
     ],
 )
 def test_loading_errors_name_the_field(data, message):
@@ -100,7 +113,9 @@ def test_cli_overrides_yaml_and_flags_keep_their_spellings(tmp_path):
 def test_unknown_fields_in_yaml_and_on_the_command_line(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("max_step: 3\n")
-    with pytest.raises(ValueError, match=r"'max_step' \(did you mean 'max_steps'\?\) in .*c\.yaml\. Valid fields: .*learning_rate"):
+    with pytest.raises(
+        ValueError, match=r"'max_step' \(did you mean 'max_steps'\?\) in .*c\.yaml\. Valid fields: .*learning_rate"
+    ):
         parse_args(CliArgs, ["--config", str(cfg)])
     with pytest.raises(ValueError, match=r"'learning_rat' \(did you mean 'learning_rate'\?\) in the command line"):
         parse_args(CliArgs, ["--learning-rat", "1"])
@@ -112,7 +127,9 @@ def test_wrong_type_or_choice_in_yaml_names_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"c\.yaml: max_steps: expected an integer, got 'many'"):
         parse_args(CliArgs, ["--config", str(cfg)])
     cfg.write_text("precision: bf61\n")
-    with pytest.raises(ValueError, match=r"c\.yaml: precision: 'bf61' is not one of bf16, fp32 \(did you mean 'bf16'\?\)"):
+    with pytest.raises(
+        ValueError, match=r"c\.yaml: precision: 'bf61' is not one of bf16, fp32 \(did you mean 'bf16'\?\)"
+    ):
         parse_args(CliArgs, ["--config", str(cfg)])
 
 
@@ -126,7 +143,9 @@ def test_usage_errors_exit_2(capsys):
 
 
 def test_post_init_error_is_one_line_through_run_main(capsys):
-    from trainers import plan  # PlanArgs.__post_init__ checks the sizes (a ValueError of this repository's code)
+    from hybrid_mamba.trainers import (
+        plan,  # PlanArgs.__post_init__ checks the sizes (a ValueError of this repository's code)
+    )
 
     with pytest.raises(SystemExit) as e:
         run_main(plan.main, ["--preset", "tiny", "--gpus", "0"])
@@ -139,7 +158,11 @@ def test_post_init_error_is_one_line_through_run_main(capsys):
     with pytest.raises(SystemExit) as e:
         run_main(main, ["--max_stepz", "3"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("error: Unknown field(s) 'max_stepz' (did you mean 'max_steps'?)") and err.count("\n") == 1
+    assert (
+        e.value.code == 2
+        and err.startswith("error: Unknown field(s) 'max_stepz' (did you mean 'max_steps'?)")
+        and err.count("\n") == 1
+    )
 
 
 def test_parse_known_args_returns_the_rest():

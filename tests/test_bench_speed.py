@@ -3,11 +3,10 @@
 import json
 
 import pytest
-
 from conftest import tiny_config
 
-from eval_harness import bench_speed
-from eval_harness.bench_speed import MODEL_CLASSES, Plan, run_benchmark
+from hybrid_mamba.eval_harness import bench_speed
+from hybrid_mamba.eval_harness.bench_speed import MODEL_CLASSES, Plan, run_benchmark
 
 
 def test_bench_speed_writes_json_and_markdown(tmp_path, monkeypatch):
@@ -20,15 +19,24 @@ def test_bench_speed_writes_json_and_markdown(tmp_path, monkeypatch):
         },
     )
     plan = Plan(
-        train_batch=1, train_seq=16, train_reps=1, memory_steps=1, prefill_lengths=(16, 24), prefill_reps=(1, 1),
-        decode_prompts=(8,), decode_steps=3, decode_warmup=1,
+        train_batch=1,
+        train_seq=16,
+        train_reps=1,
+        memory_steps=1,
+        prefill_lengths=(16, 24),
+        prefill_reps=(1, 1),
+        decode_prompts=(8,),
+        decode_steps=3,
+        decode_warmup=1,
     )
     out = tmp_path / "bench"
     run_benchmark(tiny_config(["mamba2", "attention"]), plan, out, threads=1, command="test")
 
     data = json.loads((out / "bench_speed.json").read_text())
     models = set(MODEL_CLASSES)
-    assert {"command", "machine", "plan", "configs", "parameters", "training", "prefill", "decode", "memory"} <= set(data)
+    assert {"command", "machine", "plan", "configs", "parameters", "training", "prefill", "decode", "memory"} <= set(
+        data
+    )
     assert {"cpu", "platform", "torch", "transformers", "threads", "date"} <= set(data["machine"])
     assert set(data["parameters"]) == models
     assert data["parameters"]["ours"] == data["parameters"]["bamba"]  # matched layout and sizes
@@ -45,8 +53,14 @@ def test_bench_speed_writes_json_and_markdown(tmp_path, monkeypatch):
     assert set(data["memory"]) == models and {"peak_over_build_mib", "peak_rss_mib"} <= set(data["memory"]["ours"])
 
     md = (out / "bench_speed.md").read_text()
-    for title in ("## Parameters", "## Training step throughput", "## Prefill latency", "## Mamba mixer alone",
-                  "## Decode latency", "## Training step peak memory"):
+    for title in (
+        "## Parameters",
+        "## Training step throughput",
+        "## Prefill latency",
+        "## Mamba mixer alone",
+        "## Decode latency",
+        "## Training step peak memory",
+    ):
         assert title in md
     assert "| ours | bamba | llama | llama_shape | ours/bamba | ours/llama | ours/llama_shape |" in md
     assert not list(out.glob("*.tmp"))
@@ -67,8 +81,15 @@ def test_bench_any_baselines_ttft_and_plot(tmp_path, monkeypatch):
     config = bench.resolve_config(str(folder))
     assert config.layer_types == ["mamba2", "attention"]
     plan = Plan(
-        train_batch=1, train_seq=16, train_reps=1, memory_steps=1, prefill_lengths=(16, 24), prefill_reps=(1, 1),
-        decode_prompts=(8, 12), decode_steps=3, decode_warmup=1,
+        train_batch=1,
+        train_seq=16,
+        train_reps=1,
+        memory_steps=1,
+        prefill_lengths=(16, 24),
+        prefill_reps=(1, 1),
+        decode_prompts=(8, 12),
+        decode_steps=3,
+        decode_warmup=1,
     )
     out = tmp_path / "bench"
     results = run_benchmark(config, plan, out, threads=1, command="test", baselines=("mamba2", "llama"), stem="bench")
@@ -88,7 +109,7 @@ def test_bench_any_baselines_ttft_and_plot(tmp_path, monkeypatch):
 
 
 def test_bench_scan_quick_writes_reference_and_fast_rows(tmp_path):
-    from eval_harness import bench_scan
+    from hybrid_mamba.eval_harness import bench_scan
 
     bench_scan.main(["--quick", "--out", str(tmp_path), "--threads", "1"])
     data = json.loads((tmp_path / "bench_scan.json").read_text())

@@ -8,10 +8,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from common.args import parse_args
-from trainers.args import PretrainArgs
-import trainers.checkpoint
-from trainers.checkpoint import RECORD, CheckpointError, CheckpointManager
+import hybrid_mamba.trainers.checkpoint  # noqa: F401  (trainers.checkpoint below)
+from hybrid_mamba import trainers
+from hybrid_mamba.common.args import parse_args
+from hybrid_mamba.trainers.args import PretrainArgs
+from hybrid_mamba.trainers.checkpoint import RECORD, CheckpointError, CheckpointManager
 
 
 @pytest.fixture(autouse=True)
@@ -60,9 +61,11 @@ def test_truncated_newest_is_skipped_with_its_path(saved, caplog):
     damaged = ckpt.root / "step_00000003"
     weights = damaged / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with caplog.at_level(logging.WARNING, logger="trainers.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="hybrid_mamba.trainers.checkpoint"):
         assert ckpt.latest() == ckpt.root / "step_00000002"
-    size = next(f["size"] for f in json.loads((damaged / RECORD).read_text())["files"] if f["path"] == "model.safetensors")
+    size = next(
+        f["size"] for f in json.loads((damaged / RECORD).read_text())["files"] if f["path"] == "model.safetensors"
+    )
     assert [r.getMessage() for r in caplog.records] == [
         f"skipping checkpoint {damaged}: size mismatch of model.safetensors: 100 bytes, {size} recorded"
     ]
@@ -75,7 +78,7 @@ def test_flipped_byte_is_caught_by_the_hash(saved, caplog):
     data[-1] ^= 0xFF  # a weight byte, same size
     weights.write_bytes(bytes(data))
     fresh = CheckpointManager(ckpt.root, keep=5)  # as on resume: nothing hashed yet in this process
-    with caplog.at_level(logging.WARNING, logger="trainers.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="hybrid_mamba.trainers.checkpoint"):
         assert fresh.latest() == ckpt.root / "step_00000002"
         assert ckpt.latest() == ckpt.root / "step_00000002"  # also the manager that wrote it
     assert f"{ckpt.root / 'step_00000003'}: hash mismatch of model.safetensors" in caplog.text
@@ -85,11 +88,13 @@ def test_flipped_byte_is_caught_by_the_hash(saved, caplog):
 def test_folder_without_record_is_skipped(saved, caplog):
     ckpt, _ = saved
     (ckpt.root / "step_00000003" / RECORD).unlink()  # a save killed before its record, or an old run
-    with caplog.at_level(logging.WARNING, logger="trainers.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="hybrid_mamba.trainers.checkpoint"):
         assert ckpt.latest() == ckpt.root / "step_00000002"
     assert f"skipping checkpoint {ckpt.root / 'step_00000003'}: no {RECORD} record" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="trainers.checkpoint"):  # another rank: same answer, no output
+    with caplog.at_level(
+        logging.WARNING, logger="hybrid_mamba.trainers.checkpoint"
+    ):  # another rank: same answer, no output
         assert CheckpointManager(ckpt.root, keep=5, main_process=False).latest() == ckpt.root / "step_00000002"
     assert not caplog.records
 
@@ -102,7 +107,11 @@ def test_none_verifies_raises_one_error_naming_them(saved):
     with pytest.raises(CheckpointError) as err:
         ckpt.latest()
     message = str(err.value)
-    for step, why in ((1, "no checkpoint.json record"), (2, "missing file optimizer.bin"), (3, "size mismatch of model.safetensors")):
+    for step, why in (
+        (1, "no checkpoint.json record"),
+        (2, "missing file optimizer.bin"),
+        (3, "size mismatch of model.safetensors"),
+    ):
         assert f"{ckpt.root / f'step_{step:08d}'} ({why}" in message
     assert "\n" not in message and "Delete these folders" in message
     assert "--resume false" in message and parse_args(PretrainArgs, ["--resume", "false"]).resume is False

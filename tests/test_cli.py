@@ -1,5 +1,5 @@
 """Every command-line entry point reports an expected error as one line, `error: ...`, with exit status 2
-(configuration/cli.py); --debug or HYBRID_MAMBA_DEBUG=1 shows the traceback; bugs keep theirs.
+(common/cli.py); --debug or HYBRID_MAMBA_DEBUG=1 shows the traceback; bugs keep theirs.
 
 Each subprocess fails on its input before any model or data loads: the cost is the imports.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from configuration import cli
+from hybrid_mamba.common import cli
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 300  # seconds per subprocess; importing torch and transformers on a busy 2-core machine is most of it
@@ -33,8 +33,11 @@ CASES = [
     ("eval_harness.build_tasks", ["--data_dir", "{tmp}/missing", "--out", "{tmp}/out"], "not found"),
     ("eval_harness.bench_speed", ["--threads", "0", "--out", "{tmp}/out"], "--threads must be at least 1"),
     ("eval_harness.bench_scan", ["--threads", "0", "--out", "{tmp}/out"], "--threads must be at least 1"),
-    ("eval_harness.sweep", ["--models", "{tmp}/m", "--tasks", "offline", "--include_path", "{tmp}/missing", "--out", "{tmp}/out"],
-     "is not a folder"),
+    (
+        "eval_harness.sweep",
+        ["--models", "{tmp}/m", "--tasks", "offline", "--include_path", "{tmp}/missing", "--out", "{tmp}/out"],
+        "is not a folder",
+    ),
     ("modeling.convert", ["--src", "{tmp}/missing", "--out", "{tmp}/out"], "has no config.json"),
     ("hub_cards.publish", ["--model", "{tmp}/missing", "--to", "{tmp}/repo"], "neither config.json"),
     ("hub_cards.reload", ["--repo", "{tmp}/missing", "--clone", "{tmp}/clone"], "git clone"),
@@ -43,13 +46,21 @@ CASES = [
 NO_INPUT = {"trainers.demo_data.make_demo_data"}
 
 
-def run_module(module: str, args: list[str], tmp_path: Path, env: dict | None = None, drop: tuple = ()) -> subprocess.CompletedProcess:
+def run_module(
+    module: str, args: list[str], tmp_path: Path, env: dict | None = None, drop: tuple = ()
+) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k not in (cli.DEBUG_ENV, *drop)}
     full_env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(env or {}))
     args = [a.format(tmp=tmp_path) for a in args]
     # cwd outside the repository: nothing can be written into it by accident
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=full_env, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    return subprocess.run(
+        [sys.executable, "-m", f"hybrid_mamba.{module}", *args],
+        cwd=tmp_path,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:
@@ -81,7 +92,9 @@ def test_every_entry_point_runs_through_the_wrapper_and_is_tested():
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_debug_shows_the_traceback(how, tmp_path):
-    args, env = (["--preset", "nope", "--debug"], None) if how == "flag" else (["--preset", "nope"], {cli.DEBUG_ENV: "1"})
+    args, env = (
+        (["--preset", "nope", "--debug"], None) if how == "flag" else (["--preset", "nope"], {cli.DEBUG_ENV: "1"})
+    )
     proc = run_module("trainers.plan", args, tmp_path, env)
     assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("ValueError: Unknown preset 'nope'")
@@ -90,17 +103,32 @@ def test_debug_shows_the_traceback(how, tmp_path):
 @pytest.mark.slow
 def test_accelerate_launch_shows_the_error_line_per_rank_not_a_traceback(tmp_path):
     """Two CPU ranks through torchrun (trainers/accelerate/cpu_ddp.yaml); the launcher then adds its own report."""
-    cmd = ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "trainers" / "accelerate" / "cpu_ddp.yaml"),
-           "--main_process_port", str(29500 + (os.getpid() + 7) % 1000), "-m", "trainers.pretrain",
-           "--config", str(tmp_path / "missing.yaml")]
+    cmd = [
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "trainers" / "accelerate" / "cpu_ddp.yaml"),
+        "--main_process_port",
+        str(29500 + (os.getpid() + 7) % 1000),
+        "-m",
+        "hybrid_mamba.trainers.pretrain",
+        "--config",
+        str(tmp_path / "missing.yaml"),
+    ]
     env = {k: v for k, v in os.environ.items() if k != cli.DEBUG_ENV}
-    proc = subprocess.run([sys.executable, *cmd], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    proc = subprocess.run(
+        [sys.executable, *cmd],
+        cwd=tmp_path,
+        env={**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert proc.returncode != 0
     ranks = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     # a rank may be stopped by the launcher before it prints: at least one line, at most one per rank
     assert 1 <= len(ranks) <= 2 and all("missing.yaml does not exist" in line for line in ranks), proc.stderr[-3000:]
-    assert "trainers/pretrain.py\", line" not in proc.stderr, proc.stderr[-3000:]  # no rank's traceback
+    assert 'trainers/pretrain.py", line' not in proc.stderr, proc.stderr[-3000:]  # no rank's traceback
 
 
 def _closed_port() -> int:
@@ -110,8 +138,11 @@ def _closed_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("token, says", [(None, "HF_TOKEN is not set"), ("not-a-real-token", "is not reachable with this token")],
-                         ids=["no_token", "hub_unreachable"])
+@pytest.mark.parametrize(
+    "token, says",
+    [(None, "HF_TOKEN is not set"), ("not-a-real-token", "is not reachable with this token")],
+    ids=["no_token", "hub_unreachable"],
+)
 def test_publish_to_the_hub_fails_in_one_line_and_pushes_nothing(token, says, tmp_path):
     """Online mode (no HF_HUB_OFFLINE), with the Hub replaced by a closed port on localhost."""
     model = tmp_path / "model"
@@ -120,8 +151,13 @@ def test_publish_to_the_hub_fails_in_one_line_and_pushes_nothing(token, says, tm
     env = {"HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}", "HF_HOME": str(tmp_path / "hf")}
     if token:
         env["HF_TOKEN"] = token
-    proc = run_module("hub_cards.publish", ["--model", str(model), "--to", "hf://someone/tiny", "--stage", "{tmp}/stage"],
-                      tmp_path, env, drop=("HF_HUB_OFFLINE", "HF_TOKEN", "HF_TOKEN_PATH"))
+    proc = run_module(
+        "hub_cards.publish",
+        ["--model", str(model), "--to", "hf://someone/tiny", "--stage", "{tmp}/stage"],
+        tmp_path,
+        env,
+        drop=("HF_HUB_OFFLINE", "HF_TOKEN", "HF_TOKEN_PATH"),
+    )
     line = error_line(proc)
     assert says in line and "nothing was pushed" in line
     assert not (tmp_path / "stage").exists()  # it stopped before staging, so before any upload

@@ -9,12 +9,12 @@ import os
 import pytest
 import torch
 
-from common import credentials, files, lm_eval_results, stats
-from common.machine import machine
-from data_scripts.pii import scrub
-from data_scripts.recipe import PIIConfig
-from hub_cards.secrets import find_credential
-from trainers.collate import right_pad
+from hybrid_mamba.common import credentials, files, lm_eval_results, stats
+from hybrid_mamba.common.machine import machine
+from hybrid_mamba.data_scripts.pii import scrub
+from hybrid_mamba.data_scripts.recipe import PIIConfig
+from hybrid_mamba.hub_cards.secrets import find_credential
+from hybrid_mamba.trainers.collate import right_pad
 
 
 def _siblings(path):
@@ -136,7 +136,9 @@ def test_paired_and_format_summary():
     p = stats.paired([0.1, math.nan, -0.2, 0.3])
     assert (p["above"], p["below"], p["zero"], p["missing"]) == (2, 1, 0, 1) and 0 < p["wilcoxon_p"] <= 1
     json.dumps(zero, allow_nan=False)
-    assert stats.format_summary(stats.summarize([1.0, 2.0, 3.0])) == "2.0000 ± 1.0000 [-0.4841, 4.4841]"  # t(0.975, 2) / sqrt(3) = 2.4841
+    assert (
+        stats.format_summary(stats.summarize([1.0, 2.0, 3.0])) == "2.0000 ± 1.0000 [-0.4841, 4.4841]"
+    )  # t(0.975, 2) / sqrt(3) = 2.4841
     assert stats.format_summary(stats.summarize([0.5])) == "0.5000 (n=1)"
     assert stats.format_summary(stats.summarize([None])) == "-"
 
@@ -185,12 +187,26 @@ def test_key_shapes_inside_longer_words_are_not_keys(tmp_path):
 
 
 def test_lm_eval_results_parse_metrics_and_later_files_win(tmp_path):
-    res = {"results": {
-        "t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.1, "ppl,none": 9, "ppl_stderr,none": "N/A",
-              "exact_match,strict": 0.25, "exact_match_stderr,strict": 0.05, "flag,none": True, "sample_len": 10},
-        "group": {"alias": "group"},
-    }, "n-samples": {"t": {"original": 100, "effective": 20}}}
-    assert lm_eval_results.metric_values(res) == {"t": {"acc": (0.5, 0.1), "ppl": (9.0, None), "exact_match (strict)": (0.25, 0.05)}}
+    res = {
+        "results": {
+            "t": {
+                "alias": "t",
+                "acc,none": 0.5,
+                "acc_stderr,none": 0.1,
+                "ppl,none": 9,
+                "ppl_stderr,none": "N/A",
+                "exact_match,strict": 0.25,
+                "exact_match_stderr,strict": 0.05,
+                "flag,none": True,
+                "sample_len": 10,
+            },
+            "group": {"alias": "group"},
+        },
+        "n-samples": {"t": {"original": 100, "effective": 20}},
+    }
+    assert lm_eval_results.metric_values(res) == {
+        "t": {"acc": (0.5, 0.1), "ppl": (9.0, None), "exact_match (strict)": (0.25, 0.05)}
+    }
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "results_2026-01-01.json").write_text(json.dumps(res))
     later = {"results": {"t": {"acc,none": 0.75}}}
@@ -220,13 +236,21 @@ def test_machine_names_the_machine_and_the_libraries():
 
 def test_right_pad_pads_token_labels_and_stacks_row_labels():
     collate = right_pad(pad_token_id=7)
-    chat = collate([{"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor([-100, 2, 3])},
-                    {"input_ids": torch.tensor([4]), "labels": torch.tensor([4])}])
+    chat = collate(
+        [
+            {"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor([-100, 2, 3])},
+            {"input_ids": torch.tensor([4]), "labels": torch.tensor([4])},
+        ]
+    )
     assert chat["input_ids"].tolist() == [[1, 2, 3], [4, 7, 7]]
     assert chat["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
     assert chat["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    cls = collate([{"input_ids": torch.tensor([5, 6]), "labels": torch.tensor(1)},
-                   {"input_ids": torch.tensor([8, 9, 10, 11]), "labels": torch.tensor(0)}])
+    cls = collate(
+        [
+            {"input_ids": torch.tensor([5, 6]), "labels": torch.tensor(1)},
+            {"input_ids": torch.tensor([8, 9, 10, 11]), "labels": torch.tensor(0)},
+        ]
+    )
     assert cls["input_ids"].tolist() == [[5, 6, 7, 7], [8, 9, 10, 11]] and cls["labels"].tolist() == [1, 0]
     assert cls["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
     regression = collate([{"input_ids": torch.tensor([1]), "labels": torch.tensor(0.5)}])

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from configuration import PRESET_NAMES, HybridMambaConfig, get_preset, place_attention_layers
-from configuration.param_counts import count_parameters
+from hybrid_mamba.configuration import PRESET_NAMES, HybridMambaConfig, get_preset, place_attention_layers
+from hybrid_mamba.configuration.param_counts import count_parameters
 
 
 def test_layout_from_indices_and_ratio():
@@ -25,7 +25,9 @@ def test_layer_types_given_and_version_per_layer():
 
 
 def test_round_trip_keeps_layout(tmp_path):
-    c = HybridMambaConfig(num_hidden_layers=3, layer_types=["mamba1", "attention", "mamba2"], hidden_size=64, num_attention_heads=4)
+    c = HybridMambaConfig(
+        num_hidden_layers=3, layer_types=["mamba1", "attention", "mamba2"], hidden_size=64, num_attention_heads=4
+    )
     c.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["layer_types"] == ["mamba1", "attention", "mamba2"]
@@ -63,7 +65,12 @@ def test_attention_free_config_ignores_head_and_rope_checks():
 def test_presets():
     assert {"debug", "tiny", "130m", "370m", "1.3b", "2.7b", "6.7b", "13b", "13b-wide"} <= set(PRESET_NAMES)
     wide = get_preset("13b-wide")
-    assert (wide.hidden_size, wide.num_hidden_layers, wide.num_attention_heads, wide.intermediate_size) == (4352, 56, 64, 17408)
+    assert (wide.hidden_size, wide.num_hidden_layers, wide.num_attention_heads, wide.intermediate_size) == (
+        4352,
+        56,
+        64,
+        17408,
+    )
     with pytest.raises(ValueError, match="valid presets are .*'debug'"):
         get_preset("7b")
     assert get_preset("debug", vocab_size=100).vocab_size == 100
@@ -80,8 +87,8 @@ def test_parameter_counts_come_from_the_module():
 def test_readme_table_is_the_scripts_output():
     from pathlib import Path
 
-    from configuration.param_counts import README_END, README_START, markdown_table
+    from hybrid_mamba.configuration.param_counts import README_END, README_START, markdown_table
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     block = readme.split(README_START, 1)[1].split(README_END, 1)[0].strip()
-    assert block == markdown_table()[0], "run: python -m configuration.param_counts --readme README.md"
+    assert block == markdown_table()[0], "run: python -m hybrid_mamba.configuration.param_counts --readme README.md"

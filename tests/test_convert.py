@@ -19,8 +19,8 @@ from transformers import (
     MambaForCausalLM,
 )
 
-from modeling.convert import cast, convert
-from modeling.modeling_hybrid_mamba import HybridMambaForCausalLM
+from hybrid_mamba.modeling.convert import cast, convert
+from hybrid_mamba.modeling.modeling_hybrid_mamba import HybridMambaForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 101
@@ -29,8 +29,14 @@ SEQ_LEN = 29  # Mamba-2 chunk_size 8: three full chunks and a partial one
 
 def llama_config(**kw):
     return LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **kw,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        **kw,
     )
 
 
@@ -45,14 +51,25 @@ MAMBA2_GROUPS = 2 if Version(transformers.__version__).release >= (5, 23) else 1
 
 def mamba2_config(**kw):
     return Mamba2Config(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_heads=8, head_dim=16, n_groups=MAMBA2_GROUPS,
-        state_size=16, chunk_size=8, **kw,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_heads=8,
+        head_dim=16,
+        n_groups=MAMBA2_GROUPS,
+        state_size=16,
+        chunk_size=8,
+        **kw,
     )
 
 
 LLAMA3_ROPE = {
-    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
 }
 SOURCES = {
     # name: (source class, config, layer type we expect)
@@ -60,14 +77,20 @@ SOURCES = {
     "llama-bias-tied-headdim-llama3": (
         LlamaForCausalLM,
         lambda: llama_config(
-            head_dim=16, attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
-            rms_norm_eps=1e-5, rope_parameters=LLAMA3_ROPE,
+            head_dim=16,
+            attention_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=True,
+            rms_norm_eps=1e-5,
+            rope_parameters=LLAMA3_ROPE,
         ),
         "attention",
     ),
     "mamba": (MambaForCausalLM, lambda: mamba_config(), "mamba1"),
     "mamba-bias-untied": (
-        MambaForCausalLM, lambda: mamba_config(use_bias=True, time_step_rank=3, tie_word_embeddings=False), "mamba1"
+        MambaForCausalLM,
+        lambda: mamba_config(use_bias=True, time_step_rank=3, tie_word_embeddings=False),
+        "mamba1",
     ),
     "mamba2": (Mamba2ForCausalLM, lambda: mamba2_config(), "mamba2"),
     "mamba2-bias-tied-dtlimit": (
@@ -143,8 +166,21 @@ def test_cli_end_to_end(tmp_path):
     _save_tiny_tokenizer(tmp_path / "src")
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "modeling.convert", "--src", str(tmp_path / "src"), "--out", str(out), "--dtype", "float32"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "hybrid_mamba.modeling.convert",
+            "--src",
+            str(tmp_path / "src"),
+            "--out",
+            str(out),
+            "--dtype",
+            "float32",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert (out / "modeling_hybrid_mamba.py").is_file() and (out / "configuration_hybrid_mamba.py").is_file()

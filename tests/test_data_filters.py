@@ -6,24 +6,24 @@ import numpy as np
 import pytest
 from data_corpus import FRENCH, GERMAN, code, prose
 
-from data_scripts.dedup import Deduplicator, signature_batch
-from data_scripts.filters import (
+from hybrid_mamba.data_scripts.dedup import Deduplicator, signature_batch
+from hybrid_mamba.data_scripts.filters import (
     language_batch,
     length_batch,
     percentile_batch,
     percentile_cuts,
     quality_batch,
 )
-from data_scripts.normalize import normalize_batch, normalize_text
-from data_scripts.pii import scrub
-from data_scripts.recipe import (
+from hybrid_mamba.data_scripts.normalize import normalize_batch, normalize_text
+from hybrid_mamba.data_scripts.pii import scrub
+from hybrid_mamba.data_scripts.recipe import (
     DedupConfig,
     FilterConfig,
     LanguageConfig,
     PIIConfig,
     QualityConfig,
 )
-from data_scripts.sources import decode
+from hybrid_mamba.data_scripts.sources import decode
 
 
 def batch(texts, source=0, reasons=None):
@@ -189,7 +189,7 @@ def test_quality_scores_are_bounded(kind):
 
 
 def test_stage_functions_skip_removed_rows():
-    from data_scripts.docs import document_stage, map_docs
+    from hybrid_mamba.data_scripts.docs import document_stage, map_docs
 
     @document_stage(("text", "reason", "n"), removed={"n": -1})
     def shout(doc):
@@ -201,7 +201,7 @@ def test_stage_functions_skip_removed_rows():
 
 
 def test_report_stages_come_from_the_stage_table():
-    from data_scripts.pipeline import REPORT_STAGES, STAGES
+    from hybrid_mamba.data_scripts.pipeline import REPORT_STAGES, STAGES
 
     assert REPORT_STAGES == ["load", "normalize", "length", "language", "quality", "pii", "dedup"]
     assert [s.name for s in STAGES][-1] == "tokenize"

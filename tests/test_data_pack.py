@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from datasets import load_from_disk
 
-from data_scripts.mixture import ArrayDocSource, IterDocSource, Mixer, split_budget
-from data_scripts.pack import Packer, block_features, save_blocks
+from hybrid_mamba.data_scripts.mixture import ArrayDocSource, IterDocSource, Mixer, split_budget
+from hybrid_mamba.data_scripts.pack import Packer, block_features, save_blocks
 
 EOS = 0
 

@@ -8,7 +8,6 @@ import re
 
 import numpy as np
 import pytest
-from datasets import load_from_disk
 from data_corpus import (
     FRENCH,
     GERMAN,
@@ -21,10 +20,11 @@ from data_corpus import (
     write_jsonl,
     write_recipe,
 )
+from datasets import load_from_disk
 from transformers import AutoTokenizer
 
-from data_scripts import pipeline
-from data_scripts.prepare import PrepareArguments, prepare
+from hybrid_mamba.data_scripts import pipeline
+from hybrid_mamba.data_scripts.prepare import PrepareArguments, prepare
 
 MARKER = re.compile(r"z[pc]\d{4}q")
 
@@ -214,7 +214,7 @@ def test_cache_reuse_and_rebuild_on_change(tmp_path, monkeypatch):
     def no_build(b):
         raise AssertionError("rebuilt although nothing changed")
 
-    monkeypatch.setattr("data_scripts.prepare.build", no_build)
+    monkeypatch.setattr("hybrid_mamba.data_scripts.prepare.build", no_build)
     run(recipe, tmp_path / "out")
     assert _files(out) == before and (out / "report.json").stat().st_mtime_ns == mtime
     monkeypatch.undo()
@@ -291,7 +291,7 @@ def test_budget_beyond_the_data_is_a_clear_error(tmp_path):
     prose_dir, code_dir = two_source_corpus(tmp_path / "corpus", n_prose=8, n_code=8, seed=10)
     sources = [prose_source("prose", str(prose_dir / "*.txt"), 0.5), code_source("code", str(code_dir / "*.py"), 0.5)]
     recipe = write_recipe(tmp_path / "r.yaml", sources, total_tokens=10_000_000)
-    from data_scripts.mixture import BudgetError
+    from hybrid_mamba.data_scripts.mixture import BudgetError
 
     with pytest.raises(BudgetError, match="needs .* tokens"):
         run(recipe, tmp_path / "out")
@@ -317,7 +317,7 @@ def test_parquet_source_and_invalid_utf8(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from data_scripts.recipe import RecipeError
+    from hybrid_mamba.data_scripts.recipe import RecipeError
 
     rng = random.Random(13)
     pq.write_table(

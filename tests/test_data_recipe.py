@@ -7,7 +7,7 @@ import pytest
 import yaml
 from data_corpus import prose_source, run, write_recipe, write_text_files
 
-from data_scripts.recipe import RecipeError, load_recipe, parse_recipe, resolve_files
+from hybrid_mamba.data_scripts.recipe import RecipeError, load_recipe, parse_recipe, resolve_files
 
 RECIPES = Path(__file__).resolve().parent.parent / "data_scripts" / "recipes"
 
@@ -141,8 +141,8 @@ def test_placeholders_and_exclude(tmp_path):
 
 
 def test_cli_reports_one_clear_error(tmp_path, capsys):
-    from configuration.cli import run_main
-    from data_scripts.prepare import main
+    from hybrid_mamba.common.cli import run_main
+    from hybrid_mamba.data_scripts.prepare import main
 
     recipe = _base(tmp_path)
     recipe["seed"] = "abc"

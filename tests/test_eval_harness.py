@@ -12,10 +12,10 @@ import pytest
 from conftest import tiny_config
 from transformers import AutoTokenizer
 
-from eval_harness import sweep as sweep_mod
-from common.stats import summarize
-from eval_harness.sweep import SweepArgs, TASKS_DIR, aggregate
-from modeling import HybridMambaForCausalLM
+from hybrid_mamba.common.stats import summarize
+from hybrid_mamba.eval_harness import sweep as sweep_mod
+from hybrid_mamba.eval_harness.sweep import TASKS_DIR, SweepArgs, aggregate
+from hybrid_mamba.modeling import HybridMambaForCausalLM
 
 TASKS = "demo_heldout_ppl,demo_heldout_mc"
 # Run lm-eval's CLI, then fail if any module of this repository was imported on the way.
@@ -24,7 +24,7 @@ import sys
 from lm_eval.__main__ import cli_evaluate
 sys.argv = ["lm_eval"] + sys.argv[1:]
 cli_evaluate()
-ours = sorted(m for m in sys.modules if m.split(".")[0] in {"configuration", "modeling", "trainers", "data_scripts", "eval_harness", "hub_cards"})
+ours = sorted(m for m in sys.modules if m.split(".")[0] in {"hybrid_mamba", "common", "configuration", "modeling", "trainers", "data_scripts", "eval_harness", "hub_cards"})
 assert not ours, f"repository modules imported: {ours}"
 """
 
@@ -57,10 +57,25 @@ def test_cli_and_simple_evaluate_agree_on_offline_tasks(tiny_model, tmp_path):
 
     out = tmp_path / "cli"
     cmd = [
-        sys.executable, "-c", CLI_GUARD, "--model", "hf",
-        "--model_args", f"pretrained={tiny_model},trust_remote_code=True",
-        "--tasks", TASKS, "--include_path", str(TASKS_DIR), "--device", "cpu",
-        "--limit", "3", "--batch_size", "2", "--output_path", str(out),
+        sys.executable,
+        "-c",
+        CLI_GUARD,
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={tiny_model},trust_remote_code=True",
+        "--tasks",
+        TASKS,
+        "--include_path",
+        str(TASKS_DIR),
+        "--device",
+        "cpu",
+        "--limit",
+        "3",
+        "--batch_size",
+        "2",
+        "--output_path",
+        str(out),
     ]
     # run from an empty folder: the task loaders find their data from their own location
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
@@ -69,11 +84,18 @@ def test_cli_and_simple_evaluate_agree_on_offline_tasks(tiny_model, tmp_path):
     cli = json.loads(written.read_text())
 
     api = simple_evaluate(
-        model="hf", model_args=f"pretrained={tiny_model},trust_remote_code=True", tasks=TASKS.split(","),
-        device="cpu", limit=3, batch_size=2, task_manager=TaskManager(include_path=str(TASKS_DIR)),
+        model="hf",
+        model_args=f"pretrained={tiny_model},trust_remote_code=True",
+        tasks=TASKS.split(","),
+        device="cpu",
+        limit=3,
+        batch_size=2,
+        task_manager=TaskManager(include_path=str(TASKS_DIR)),
     )
     a, b = _metrics(cli), _metrics(api)
-    assert {"bits_per_byte,none", "byte_perplexity,none", "word_perplexity,none"} <= {k for t, k in a if t == "demo_heldout_ppl"}
+    assert {"bits_per_byte,none", "byte_perplexity,none", "word_perplexity,none"} <= {
+        k for t, k in a if t == "demo_heldout_ppl"
+    }
     assert {"acc,none", "acc_norm,none"} <= {k for t, k in a if t == "demo_heldout_mc"}
     assert a.keys() == b.keys()
     for key in a:
@@ -95,7 +117,9 @@ def test_sweep_resumes_after_interruption_and_reports_bad_cells(tiny_model, tmp_
             raise KeyboardInterrupt  # killed during the second cell
         return real_run_cell(lm, task, seed, args, tm)
 
-    args = SweepArgs(models=[str(tiny_model)], tasks=["demo_heldout_mc"], seeds=[0, 1], limit=2, batch_size=2, out=str(out))
+    args = SweepArgs(
+        models=[str(tiny_model)], tasks=["demo_heldout_mc"], seeds=[0, 1], limit=2, batch_size=2, out=str(out)
+    )
     monkeypatch.setattr(sweep_mod, "run_cell", interrupted)
     with pytest.raises(KeyboardInterrupt):
         sweep_mod.sweep(args)
@@ -118,7 +142,10 @@ def test_sweep_resumes_after_interruption_and_reports_bad_cells(tiny_model, tmp_
     assert sweep_mod.load_cell(done[0], SweepArgs(models=[], tasks=[], limit=3)) is None
     assert sweep_mod.load_cell(done[0], SweepArgs(models=[], tasks=[], limit=2, num_fewshot=1)) is None
     assert "no_such_task" in summary["skipped_tasks"]
-    assert [(e["model"], e["seed"]) for e in summary["errors"]] == [(str(tmp_path / "missing"), 0), (str(tmp_path / "missing"), 1)]
+    assert [(e["model"], e["seed"]) for e in summary["errors"]] == [
+        (str(tmp_path / "missing"), 0),
+        (str(tmp_path / "missing"), 1),
+    ]
     assert "does not load" in summary["errors"][0]["error"]
     acc = json.loads((out / "results.json").read_text())["results"][str(tiny_model)]["demo_heldout_mc"]["acc"]
     assert acc["n"] == 2 and acc["seeds"] == [0, 1]
@@ -139,7 +166,11 @@ def test_summary_statistics_match_hand_computed_values():
 
 def test_aggregate_reads_lm_eval_results():
     def res(acc, ppl):
-        return {"results": {"t": {"alias": "t", "acc,none": acc, "acc_stderr,none": 0.1, "ppl,none": ppl, "ppl_stderr,none": "N/A"}}}
+        return {
+            "results": {
+                "t": {"alias": "t", "acc,none": acc, "acc_stderr,none": 0.1, "ppl,none": ppl, "ppl_stderr,none": "N/A"}
+            }
+        }
 
     agg = aggregate({("m", "t", 0): res(0.25, 10.0), ("m", "t", 1): res(0.75, 12.0)})
     acc, ppl = agg["m"]["t"]["acc"], agg["m"]["t"]["ppl"]
@@ -155,7 +186,6 @@ def _multiline_data(root: Path) -> tuple[Path, list[str]]:
     import random
 
     from datasets import Dataset
-
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -166,7 +196,12 @@ def _multiline_data(root: Path) -> tuple[Path, list[str]]:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(
+        docs,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=["<pad>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", pad_token="<pad>")
     rows = []
     for i, d in enumerate(docs):
@@ -179,7 +214,7 @@ def _multiline_data(root: Path) -> tuple[Path, list[str]]:
 
 
 def test_build_tasks_is_deterministic_and_continuations_follow_their_context(tmp_path):
-    from eval_harness.build_tasks import BuildArgs, build
+    from hybrid_mamba.eval_harness.build_tasks import BuildArgs, build
 
     data, docs = _multiline_data(tmp_path / "data")
     kw = dict(data_dir=str(data), ppl_docs=4, mc_docs=6, min_chars=100, context_chars=60, continuation_chars=20)

@@ -13,19 +13,35 @@ from accelerate.state import AcceleratorState
 from conftest import tiny_config
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from modeling import HybridMambaForCausalLM, HybridMambaForSequenceClassification
-from trainers import finetune
-from common.args import parse_args
-from trainers.args import FinetuneArgs
-from trainers.chat_data import load_chat, read_chat_jsonl, tokenize_chat
-from trainers.cls_data import GLUE_TASKS, load_examples
-from trainers.collate import right_pad
-from trainers.demo_base import build_tokenizer
-from trainers.peft_targets import available_targets, resolve_targets, target_module_names
-from trainers.rank_allocation import allocate_ranks, measure_importance, rank_and_alpha_patterns, uniform_budget
+from hybrid_mamba.common.args import parse_args
+from hybrid_mamba.modeling import HybridMambaForCausalLM, HybridMambaForSequenceClassification
+from hybrid_mamba.trainers import finetune
+from hybrid_mamba.trainers.args import FinetuneArgs
+from hybrid_mamba.trainers.chat_data import load_chat, read_chat_jsonl, tokenize_chat
+from hybrid_mamba.trainers.cls_data import GLUE_TASKS, load_examples
+from hybrid_mamba.trainers.collate import right_pad
+from hybrid_mamba.trainers.demo_base import build_tokenizer
+from hybrid_mamba.trainers.peft_targets import available_targets, resolve_targets, target_module_names
+from hybrid_mamba.trainers.rank_allocation import (
+    allocate_ranks,
+    measure_importance,
+    rank_and_alpha_patterns,
+    uniform_budget,
+)
 
-ALL = ["mamba.dt_proj", "mamba.in_proj", "mamba.out_proj", "mamba.x_proj", "mlp.down_proj", "mlp.gate_proj",
-       "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]
+ALL = [
+    "mamba.dt_proj",
+    "mamba.in_proj",
+    "mamba.out_proj",
+    "mamba.x_proj",
+    "mlp.down_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "self_attn.k_proj",
+    "self_attn.o_proj",
+    "self_attn.q_proj",
+    "self_attn.v_proj",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -45,8 +61,13 @@ def base(tmp_path_factory, tokenizer):
     """A saved tiny hybrid (Mamba-2, attention, Mamba-1, Mamba-2) with a tokenizer and chat template."""
     path = tmp_path_factory.mktemp("base")
     torch.manual_seed(0)
-    config = tiny_config("hybrid", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = tiny_config(
+        "hybrid",
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     HybridMambaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -60,15 +81,28 @@ def write_chat(path, conversations):
 def chat_files(tmp_path):
     conv = [
         [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"{a + b}"}]
-        for a in range(6) for b in range(4)
+        for a in range(6)
+        for b in range(4)
     ]
     return write_chat(tmp_path / "train.jsonl", conv), write_chat(tmp_path / "val.jsonl", conv[:8])
 
 
 def run_finetune(tmp_path, base, **overrides):
-    cfg = {"base_model": str(base), "output_dir": str(tmp_path / "run"), "micro_batch_size": 8, "max_steps": 6,
-           "warmup_steps": 1, "learning_rate": 1e-2, "weight_decay": 0.0, "eval_every": 3, "checkpoint_every": 3,
-           "log_every": 1, "lora_r": 4, "lora_alpha": 8, **overrides}
+    cfg = {
+        "base_model": str(base),
+        "output_dir": str(tmp_path / "run"),
+        "micro_batch_size": 8,
+        "max_steps": 6,
+        "warmup_steps": 1,
+        "learning_rate": 1e-2,
+        "weight_decay": 0.0,
+        "eval_every": 3,
+        "checkpoint_every": 3,
+        "log_every": 1,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        **overrides,
+    }
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "finetune.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -80,17 +114,28 @@ def run_finetune(tmp_path, base, **overrides):
 
 def test_default_targets_follow_the_layout():
     assert available_targets(HybridMambaForCausalLM(tiny_config("hybrid"))) == ALL
-    assert available_targets(HybridMambaForCausalLM(tiny_config("mamba2", intermediate_size=0))) == ["mamba.in_proj", "mamba.out_proj"]
+    assert available_targets(HybridMambaForCausalLM(tiny_config("mamba2", intermediate_size=0))) == [
+        "mamba.in_proj",
+        "mamba.out_proj",
+    ]
     attn = HybridMambaForCausalLM(tiny_config("attention"))
     assert resolve_targets(attn, None) == [t for t in ALL if not t.startswith("mamba")]
-    assert resolve_targets(attn, ["attention", "up_proj"]) == ["mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
-                                                               "self_attn.q_proj", "self_attn.v_proj"]
+    assert resolve_targets(attn, ["attention", "up_proj"]) == [
+        "mlp.up_proj",
+        "self_attn.k_proj",
+        "self_attn.o_proj",
+        "self_attn.q_proj",
+        "self_attn.v_proj",
+    ]
 
 
 def test_unknown_target_lists_the_available_ones():
     model = HybridMambaForCausalLM(tiny_config("mamba2"))
-    with pytest.raises(ValueError, match=r"Unknown LoRA target\(s\) \['q_proj', 'mamba.x_proj'\].*Available targets: "
-                                         r"mamba.in_proj, mamba.out_proj, mlp.down_proj.*groups: all, mamba, mlp"):
+    with pytest.raises(
+        ValueError,
+        match=r"Unknown LoRA target\(s\) \['q_proj', 'mamba.x_proj'\].*Available targets: "
+        r"mamba.in_proj, mamba.out_proj, mlp.down_proj.*groups: all, mamba, mlp",
+    ):
         resolve_targets(model, ["q_proj", "in_proj", "mamba.x_proj"])
 
 
@@ -99,7 +144,9 @@ def test_every_target_module_receives_a_nonzero_gradient(tokenizer):
     model = HybridMambaForCausalLM(tiny_config("hybrid", initializer_range=0.3, vocab_size=len(tokenizer)))
     args = FinetuneArgs(base_model="unused", lora_r=4, lora_alpha=8)
     lora, info = finetune.wrap_with_lora(args, model, None, None)
-    assert info["targets"] == ALL and len(info["ranks"]) == 3 * 2 + 4 + 4 * 3 + 2  # 3 Mamba (+x/dt on one), 1 attention, 4 MLPs
+    assert (
+        info["targets"] == ALL and len(info["ranks"]) == 3 * 2 + 4 + 4 * 3 + 2
+    )  # 3 Mamba (+x/dt on one), 1 attention, 4 MLPs
     ids = torch.randint(3, len(tokenizer), (2, 12))
     lora(input_ids=ids, labels=ids).loss.backward()
     per_module = {}
@@ -115,7 +162,9 @@ def test_every_target_module_receives_a_nonzero_gradient(tokenizer):
 def test_merge_and_unload_matches_the_adapted_model(cls):
     model = cls(tiny_config("hybrid", num_labels=3, pad_token_id=0)).eval()
     task = "CAUSAL_LM" if cls is HybridMambaForCausalLM else "SEQ_CLS"
-    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=ALL, init_lora_weights=False, task_type=task)).eval()
+    lora = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=ALL, init_lora_weights=False, task_type=task)
+    ).eval()
     ids = torch.randint(3, 512, (2, 11))
     with torch.no_grad():
         adapted = lora(input_ids=ids).logits
@@ -137,10 +186,13 @@ CHATML_WITH_GENERATION = (  # the form of data_scripts' tokenizer template
 )
 
 
-@pytest.mark.parametrize("template, expected", [
-    (None, "2 plus 3 is 5.</s>\nenots</s>\n"),  # spans from template prefixes: answer, end of turn, newline
-    (CHATML_WITH_GENERATION, "2 plus 3 is 5.<|im_end|>enots<|im_end|>"),  # the template's {% generation %} marks
-])
+@pytest.mark.parametrize(
+    "template, expected",
+    [
+        (None, "2 plus 3 is 5.</s>\nenots</s>\n"),  # spans from template prefixes: answer, end of turn, newline
+        (CHATML_WITH_GENERATION, "2 plus 3 is 5.<|im_end|>enots<|im_end|>"),  # the template's {% generation %} marks
+    ],
+)
 def test_chat_masking_puts_loss_only_on_assistant_tokens(tokenizer, template, expected):
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.chat_template = template or tokenizer.chat_template
@@ -187,8 +239,14 @@ def test_malformed_chat_records_are_reported_with_file_and_line(tmp_path, tokeni
     path.write_text("\n".join(lines) + "\n")
     records, problems = read_chat_jsonl(path)
     assert [n for n, _ in records] == [1, 9]
-    expected = {2: "invalid JSON", 3: "has no 'role'", 4: "empty or missing 'content'", 5: "no assistant message",
-                7: "role 'robot'", 8: "'messages'"}
+    expected = {
+        2: "invalid JSON",
+        3: "has no 'role'",
+        4: "empty or missing 'content'",
+        5: "no assistant message",
+        7: "role 'robot'",
+        8: "'messages'",
+    }
     assert len(problems) == len(expected)
     for (line, why), problem in zip(expected.items(), problems):
         assert problem.startswith(f"{path}:{line}: ") and why in problem, problem
@@ -212,7 +270,7 @@ def test_lora_chat_run_saves_the_adapter_alone_and_it_loads_onto_the_base(tmp_pa
     assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base.resolve())
     assert summary["finetune"]["lora_parameters"] == summary["finetune"]["lora_budget"]
     # round trip: base + saved adapter reproduces the run's final validation loss
-    from trainers.loop import evaluate
+    from hybrid_mamba.trainers.loop import evaluate
 
     model = PeftModel.from_pretrained(HybridMambaForCausalLM.from_pretrained(base), final)
     val_ds, _ = load_chat(val_file, tokenizer, 512)
@@ -221,9 +279,11 @@ def test_lora_chat_run_saves_the_adapter_alone_and_it_loads_onto_the_base(tmp_pa
 
     val = evaluate(model, loader, Accelerator(cpu=True))
     assert val == pytest.approx(summary["final_val_loss"], abs=1e-5)
-    assert not math.isclose(val, evaluate(HybridMambaForCausalLM.from_pretrained(base), loader, Accelerator(cpu=True)), abs_tol=1e-4)
-    # and the merged folder (python -m trainers.merge) is a plain model with the same outputs
-    from trainers.merge import merge
+    assert not math.isclose(
+        val, evaluate(HybridMambaForCausalLM.from_pretrained(base), loader, Accelerator(cpu=True)), abs_tol=1e-4
+    )
+    # and the merged folder (python -m hybrid_mamba.trainers.merge) is a plain model with the same outputs
+    from hybrid_mamba.trainers.merge import merge
 
     merge(final, tmp_path / "merged")
     merged = HybridMambaForCausalLM.from_pretrained(tmp_path / "merged")
@@ -236,15 +296,23 @@ def test_lora_chat_run_saves_the_adapter_alone_and_it_loads_onto_the_base(tmp_pa
 def test_local_metric_module_loads_offline_and_matches_sklearn():
     from sklearn.metrics import f1_score, matthews_corrcoef
 
-    from trainers import metrics
+    from hybrid_mamba.trainers import metrics
 
     preds, refs = [0, 1, 1, 0, 1, 1], [0, 1, 0, 0, 1, 0]
     assert metrics.load("mrpc").compute(predictions=preds, references=refs) == {
-        "accuracy": pytest.approx(4 / 6), "f1": pytest.approx(f1_score(refs, preds))}
-    assert metrics.load("cola").compute(predictions=preds, references=refs)["matthews_correlation"] == pytest.approx(matthews_corrcoef(refs, preds))
+        "accuracy": pytest.approx(4 / 6),
+        "f1": pytest.approx(f1_score(refs, preds)),
+    }
+    assert metrics.load("cola").compute(predictions=preds, references=refs)["matthews_correlation"] == pytest.approx(
+        matthews_corrcoef(refs, preds)
+    )
     stsb = metrics.load("stsb").compute(predictions=[0.1, 0.4, 0.35, 0.8], references=[0.0, 1.0, 2.0, 3.0])
     assert stsb["spearmanr"] == pytest.approx(0.8) and 0.8 < stsb["pearson"] < 1
-    assert set(metrics.load("classification").compute(predictions=preds, references=refs)) == {"accuracy", "f1", "matthews_correlation"}
+    assert set(metrics.load("classification").compute(predictions=preds, references=refs)) == {
+        "accuracy",
+        "f1",
+        "matthews_correlation",
+    }
 
 
 def test_glue_from_the_hub_offline_says_so_and_uses_local_files(tmp_path, monkeypatch, caplog):
@@ -278,9 +346,20 @@ def test_classification_finetune_learns_a_separable_toy_task(tmp_path, base):
     (tmp_path / "train.tsv").write_text(rows(256))
     (tmp_path / "val.tsv").write_text(rows(64))
     summary = run_finetune(
-        tmp_path, base, task="classification", classification_task="toy", text_columns=["sentence"], num_labels=2,
-        data_source="local", train_file=str(tmp_path / "train.tsv"), validation_file=str(tmp_path / "val.tsv"),
-        max_steps=60, eval_every=30, checkpoint_every=60, learning_rate=1e-2, micro_batch_size=16,
+        tmp_path,
+        base,
+        task="classification",
+        classification_task="toy",
+        text_columns=["sentence"],
+        num_labels=2,
+        data_source="local",
+        train_file=str(tmp_path / "train.tsv"),
+        validation_file=str(tmp_path / "val.tsv"),
+        max_steps=60,
+        eval_every=30,
+        checkpoint_every=60,
+        learning_rate=1e-2,
+        micro_batch_size=16,
     )
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
     assert summary["final_eval"]["val_accuracy"] >= 0.95, summary["final_eval"]
@@ -291,7 +370,10 @@ def test_classification_finetune_learns_a_separable_toy_task(tmp_path, base):
     assert adapter["task_type"] == "SEQ_CLS" and "score" in adapter["modules_to_save"]
     cfg = json.loads((final / "finetune_config.json").read_text())
     model = PeftModel.from_pretrained(
-        HybridMambaForSequenceClassification.from_pretrained(cfg["base_model"], num_labels=cfg["num_labels"], pad_token_id=0), final
+        HybridMambaForSequenceClassification.from_pretrained(
+            cfg["base_model"], num_labels=cfg["num_labels"], pad_token_id=0
+        ),
+        final,
     )
     assert any("score" in n for n, _ in model.named_parameters())
 
@@ -310,13 +392,19 @@ def test_importance_allocation_stays_within_the_uniform_budget(tokenizer):
     ranks = allocate_ranks(model, spectra, budget, r_min=1, r_max=16)
     assert min(ranks.values()) >= 1 and max(ranks.values()) <= 16 and len(set(ranks.values())) > 1
     rank_pattern, alpha_pattern = rank_and_alpha_patterns(ranks, 4, 8)
-    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=ALL, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern))
-    realised = {n: m.r["default"] for n, m in lora.get_base_model().named_modules() if hasattr(m, "lora_A") and hasattr(m, "r")}
+    lora = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=ALL, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    )
+    realised = {
+        n: m.r["default"] for n, m in lora.get_base_model().named_modules() if hasattr(m, "lora_A") and hasattr(m, "r")
+    }
     assert realised == ranks
     spent = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
     smallest_unit = min(m.in_features + m.out_features for n, m in model.named_modules() if n in ranks)
     assert budget - smallest_unit < spent <= budget
-    assert all(m.scaling["default"] == pytest.approx(2.0) for m in lora.modules() if hasattr(m, "lora_A"))  # alpha / r kept
+    assert all(
+        m.scaling["default"] == pytest.approx(2.0) for m in lora.modules() if hasattr(m, "lora_A")
+    )  # alpha / r kept
 
 
 def test_shipped_configs_parse():
@@ -328,7 +416,7 @@ def test_shipped_configs_parse():
 
 
 def test_seed_statistics():
-    from common.stats import paired, summarize
+    from hybrid_mamba.common.stats import paired, summarize
 
     s = summarize([1.0, 2.0, 3.0])
     assert (s["mean"], s["std"], s["n"]) == (2.0, 1.0, 3)
@@ -345,8 +433,15 @@ def test_interrupted_adapter_run_resumes_to_the_same_losses(tmp_path, base, monk
     train_file, val_file = chat_files(tmp_path)
     # 24 conversations, 3 batches an epoch: killed at step 5 (epoch 1), resumed from step 4 (one batch of
     # epoch 1 to skip), then on into epoch 2: every data order must be the uninterrupted run's
-    common = dict(task="chat", adapter=adapter, train_file=str(train_file), validation_file=str(val_file),
-                  max_steps=7, eval_every=2, checkpoint_every=2)
+    common = dict(
+        task="chat",
+        adapter=adapter,
+        train_file=str(train_file),
+        validation_file=str(val_file),
+        max_steps=7,
+        eval_every=2,
+        checkpoint_every=2,
+    )
     run_finetune(tmp_path / "a", base, **common)  # uninterrupted
     AcceleratorState._reset_state(reset_partial_state=True)
 

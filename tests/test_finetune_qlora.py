@@ -11,13 +11,15 @@ import torch
 from accelerate.state import AcceleratorState
 from conftest import tiny_config
 
-bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (pip install bitsandbytes, or the cuda extra)")
+bnb = pytest.importorskip(
+    "bitsandbytes", reason="QLoRA needs bitsandbytes (pip install bitsandbytes, or the cuda extra)"
+)
 
-from peft import LoraConfig, get_peft_model  # noqa: E402
+from peft import LoraConfig, get_peft_model
 
-from modeling import HybridMambaForCausalLM  # noqa: E402
-from trainers.peft_targets import resolve_targets  # noqa: E402
-from trainers.qlora import check_not_repacked, guard_cpu_repack, linear_4bit_modules, load_4bit  # noqa: E402
+from hybrid_mamba.modeling import HybridMambaForCausalLM
+from hybrid_mamba.trainers.peft_targets import resolve_targets
+from hybrid_mamba.trainers.qlora import check_not_repacked, guard_cpu_repack, linear_4bit_modules, load_4bit
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,9 @@ def qlora(path, guard=True):
         for _, m in linear_4bit_modules(model):
             m.support_avx512bf16_for_cpu = bnb.functional.has_avx512bf16()
     torch.manual_seed(0)
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=resolve_targets(model, None), init_lora_weights=False))
+    return get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=resolve_targets(model, None), init_lora_weights=False)
+    )
 
 
 def lora_grads(model, ids):
@@ -104,22 +108,40 @@ def test_qlora_finetune_runs_with_evaluations(tmp_path, saved):
 
     import yaml
 
-    from trainers import finetune
-    from trainers.demo_base import build_tokenizer
+    from hybrid_mamba.trainers import finetune
+    from hybrid_mamba.trainers.demo_base import build_tokenizer
 
     AcceleratorState._reset_state(reset_partial_state=True)
     tok = build_tokenizer(512)
     base = tmp_path / "base"
     torch.manual_seed(0)
-    HybridMambaForCausalLM(tiny_config("hybrid", vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                                       eos_token_id=tok.eos_token_id)).save_pretrained(base)
+    HybridMambaForCausalLM(
+        tiny_config("hybrid", vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    ).save_pretrained(base)
     tok.save_pretrained(base)
-    conv = [{"messages": [{"role": "user", "content": f"{a} plus {a}?"}, {"role": "assistant", "content": str(2 * a)}]} for a in range(16)]
+    conv = [
+        {"messages": [{"role": "user", "content": f"{a} plus {a}?"}, {"role": "assistant", "content": str(2 * a)}]}
+        for a in range(16)
+    ]
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(c) + "\n" for c in conv))
-    cfg = dict(base_model=str(base), output_dir=str(tmp_path / "run"), task="chat", adapter="qlora", train_file=str(data),
-               validation_file=str(data), micro_batch_size=8, max_steps=4, warmup_steps=1, learning_rate=1e-2,
-               eval_every=2, checkpoint_every=4, log_every=1, lora_r=4, lora_alpha=8)
+    cfg = dict(
+        base_model=str(base),
+        output_dir=str(tmp_path / "run"),
+        task="chat",
+        adapter="qlora",
+        train_file=str(data),
+        validation_file=str(data),
+        micro_batch_size=8,
+        max_steps=4,
+        warmup_steps=1,
+        learning_rate=1e-2,
+        eval_every=2,
+        checkpoint_every=4,
+        log_every=1,
+        lora_r=4,
+        lora_alpha=8,
+    )
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     summary = finetune.main(["--config", str(tmp_path / "c.yaml")])
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -127,12 +149,14 @@ def test_qlora_finetune_runs_with_evaluations(tmp_path, saved):
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 4 and losses[3] < losses[2]  # still learning after the evaluation at step 2
     assert summary["finetune"]["adapter"] == "qlora"
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "run" / "final").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {
+        p.name for p in (tmp_path / "run" / "final").iterdir()
+    }
 
 
 def test_importance_is_measured_through_4bit_weights(saved):
     """Rank allocation reads gradients from hooks, so a 4-bit base (whose weights have no .grad) works."""
-    from trainers.rank_allocation import measure_importance
+    from hybrid_mamba.trainers.rank_allocation import measure_importance
 
     model = load_4bit(HybridMambaForCausalLM, str(saved / "hybrid"), torch.float32)
     targets = resolve_targets(model, None)

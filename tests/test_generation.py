@@ -12,8 +12,8 @@ from conftest import LAYOUTS, tiny_config
 from packaging.version import Version
 from transformers import DynamicCache
 
-from modeling import HybridMambaForCausalLM
-from modeling.modeling_hybrid_mamba import CACHE_NAME
+from hybrid_mamba.modeling import HybridMambaForCausalLM
+from hybrid_mamba.modeling.modeling_hybrid_mamba import CACHE_NAME
 
 CACHE_NAMES = ["cache", "past_key_values"]
 # Before 5.24, generate() asks a cache given as `past_key_values` for its length, and DynamicCache has none
@@ -139,8 +139,14 @@ def test_dict_outputs_on_the_cached_path(layout):
     n_attn = m.config.layer_types.count("attention")
     with torch.no_grad():
         out = greedy(
-            m, x, n, return_dict_in_generate=True, output_scores=True, output_logits=True,
-            output_attentions=n_attn > 0, output_hidden_states=True,
+            m,
+            x,
+            n,
+            return_dict_in_generate=True,
+            output_scores=True,
+            output_logits=True,
+            output_attentions=n_attn > 0,
+            output_hidden_states=True,
         )
         full = m(out.sequences, use_cache=False).logits
     assert out.sequences.shape == (2, 6 + n)

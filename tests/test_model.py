@@ -7,7 +7,7 @@ import torch
 from conftest import LAYOUTS, tiny_config
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, DynamicCache
 
-from modeling import HybridMambaForCausalLM, HybridMambaForSequenceClassification, HybridMambaModel
+from hybrid_mamba.modeling import HybridMambaForCausalLM, HybridMambaForSequenceClassification, HybridMambaModel
 
 ALL_LAYOUTS = list(LAYOUTS)
 # Behaviour tests run on both operator sets: the fast operators and the references they are tested against.
@@ -55,7 +55,12 @@ def test_mamba_state_does_not_grow_with_context():
     with torch.no_grad():
         for t in (8, 40):
             cache = m(ids(1, t), use_cache=True).past_key_values
-            sizes.append([(c.shape, r.shape) for c, r in zip(cache.layers[0].conv_states.values(), cache.layers[0].recurrent_states.values())])
+            sizes.append(
+                [
+                    (c.shape, r.shape)
+                    for c, r in zip(cache.layers[0].conv_states.values(), cache.layers[0].recurrent_states.values())
+                ]
+            )
     assert sizes[0] == sizes[1]
 
 
@@ -110,7 +115,9 @@ def test_generation_modes():
 def test_beam_search_matches_uncached_scoring():
     m, x = model_for("hybrid"), ids(1, 6)
     with torch.no_grad():
-        out = m.generate(x, max_new_tokens=5, num_beams=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
+        out = m.generate(
+            x, max_new_tokens=5, num_beams=3, do_sample=False, output_scores=True, return_dict_in_generate=True
+        )
         seq = out.sequences
         # the returned beam's score is its summed log-probability under a full forward
         logp = torch.log_softmax(m(seq, use_cache=False).logits[0, 5:-1], -1)
@@ -226,7 +233,10 @@ def test_save_load_round_trip_is_exact(tmp_path):
 
 def test_auto_classes():
     cfg = tiny_config("hybrid")
-    assert type(AutoConfig.for_model("hybrid_mamba", hidden_size=64, num_attention_heads=4)).__name__ == "HybridMambaConfig"
+    assert (
+        type(AutoConfig.for_model("hybrid_mamba", hidden_size=64, num_attention_heads=4)).__name__
+        == "HybridMambaConfig"
+    )
     assert type(AutoModel.from_config(cfg)) is HybridMambaModel
     assert type(AutoModelForCausalLM.from_config(cfg)) is HybridMambaForCausalLM
     assert type(AutoModelForSequenceClassification.from_config(cfg)) is HybridMambaForSequenceClassification
@@ -261,7 +271,7 @@ def test_no_mlp_and_nope_layouts():
 def test_long_inputs_in_blocks_equal_one_pass(monkeypatch):
     """A Mamba-2 mixer splits long inputs into blocks on CPU (CPU_BLOCK_TOKENS): same logits, same
     gradients, same cache (decode after a blocked prefill), also when the last block is one token."""
-    import modeling.modeling_hybrid_mamba as mm
+    import hybrid_mamba.modeling.modeling_hybrid_mamba as mm
 
     m, x = model_for("hybrid"), ids(t=22)
     with torch.no_grad():

@@ -5,9 +5,21 @@ import torch
 from conftest import tiny_config
 from peft import LoraConfig, get_peft_model
 
-from modeling import HybridMambaForCausalLM
+from hybrid_mamba.modeling import HybridMambaForCausalLM
 
-TARGETS = ["in_proj", "out_proj", "x_proj", "dt_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = [
+    "in_proj",
+    "out_proj",
+    "x_proj",
+    "dt_proj",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+]
 
 
 def outputs(model, ids):

@@ -4,8 +4,8 @@ survive."""
 
 import pytest
 
-from data_scripts.pii import scrub
-from data_scripts.recipe import PIIConfig, RecipeError, parse_recipe
+from hybrid_mamba.data_scripts.pii import scrub
+from hybrid_mamba.data_scripts.recipe import PIIConfig, RecipeError, parse_recipe
 
 PHONE_ONLY = PIIConfig(kinds=["phone"])
 

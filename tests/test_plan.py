@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from configuration import get_preset
-from configuration.param_counts import count_parameters
-from trainers import plan as planner
-from trainers.plan import GiB, MiB, PlanArgs, activation_bytes_per_token, estimate, min_gpus, search_fixes
+from hybrid_mamba.configuration import get_preset
+from hybrid_mamba.configuration.param_counts import count_parameters
+from hybrid_mamba.trainers import plan as planner
+from hybrid_mamba.trainers.plan import GiB, MiB, PlanArgs, activation_bytes_per_token, estimate, min_gpus, search_fixes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,15 +91,18 @@ def test_13b_on_two_24gb_gpus_needs_offload(counts_13b):
     assert fixes and all("CPU offload" in name for name, _ in fixes) and all(p.fits for _, p in fixes)
     assert all(p.host_ram > 16 * counts["total"] for _, p in fixes)
     n = min_gpus(dataclasses.replace(args, activation_checkpointing=True), cfg, counts)
-    assert n is not None and not estimate(dataclasses.replace(args, gpus=n - 1, activation_checkpointing=True), cfg, counts).fits
+    assert (
+        n is not None
+        and not estimate(dataclasses.replace(args, gpus=n - 1, activation_checkpointing=True), cfg, counts).fits
+    )
 
 
 def test_time_from_throughput_and_mfu():
     cfg = get_preset("tiny")
     t = planner.training_time(PlanArgs(preset="tiny", tokens=1e9, tokens_per_s=1e5), cfg)
     assert t["seconds"] == pytest.approx(1e4)
-    from modeling import HybridMambaForCausalLM
-    from trainers.loop import flops_per_token
+    from hybrid_mamba.modeling import HybridMambaForCausalLM
+    from hybrid_mamba.trainers.loop import flops_per_token
 
     with torch.device("meta"):
         fpt = flops_per_token(HybridMambaForCausalLM(cfg), 512)
@@ -121,8 +124,26 @@ def test_bad_arguments_fail_early():
 
 def test_cli_prints_the_plan_and_writes_json(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    result = planner.main(["--preset", "debug", "--gpus", "2", "--gpu-memory", "2", "--micro-batch", "64",
-                           "--seq-len", "1024", "--tokens", "1e8", "--tokens-per-s", "1e4", "--json", str(out)])
+    result = planner.main(
+        [
+            "--preset",
+            "debug",
+            "--gpus",
+            "2",
+            "--gpu-memory",
+            "2",
+            "--micro-batch",
+            "64",
+            "--seq-len",
+            "1024",
+            "--tokens",
+            "1e8",
+            "--tokens-per-s",
+            "1e4",
+            "--json",
+            str(out),
+        ]
+    )
     text = capsys.readouterr().out
     assert "DOES NOT FIT" in text and "What fits instead" in text and "Time for 1e+08 tokens" in text
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
@@ -150,12 +171,19 @@ def saved_bytes(model, ids, position_ids) -> int:
 
 @pytest.mark.parametrize(
     "mamba_version, precision, packed",
-    [(2, "fp32", False), (2, "fp32", True), (2, "bf16", False), (2, "bf16", True), (1, "fp32", False), (1, "bf16", True)],
+    [
+        (2, "fp32", False),
+        (2, "fp32", True),
+        (2, "bf16", False),
+        (2, "bf16", True),
+        (1, "fp32", False),
+        (1, "bf16", True),
+    ],
 )
 def test_activation_formulas_match_saved_tensors(mamba_version, precision, packed):
     b, t = 2, 96  # 3 Mamba-2 chunks of 32 on the debug preset, 2 Mamba-1 chunks (64 + 32)
     cfg = get_preset("debug", mamba_version=mamba_version)
-    from modeling import HybridMambaForCausalLM
+    from hybrid_mamba.modeling import HybridMambaForCausalLM
 
     model = HybridMambaForCausalLM(cfg).train()
     ids = torch.randint(0, cfg.vocab_size, (b, t))
@@ -167,7 +195,9 @@ def test_activation_formulas_match_saved_tensors(mamba_version, precision, packe
             measured = saved_bytes(model, ids, pos)
     else:
         measured = saved_bytes(model, ids, pos)
-    predicted = sum(activation_bytes_per_token(cfg, cfg.mixer_type(i), t, a, packed)[0] for i in range(cfg.num_hidden_layers))
+    predicted = sum(
+        activation_bytes_per_token(cfg, cfg.mixer_type(i), t, a, packed)[0] for i in range(cfg.num_hidden_layers)
+    )
     predicted += cfg.num_hidden_layers * activation_bytes_per_token(cfg, "mlp", t, a, packed)[0]
     predicted += activation_bytes_per_token(cfg, "head", t, a, packed)[0]
     assert predicted * b * t == pytest.approx(measured, rel=0.03)
@@ -199,9 +229,9 @@ def _measure_in_child(preset, micro_batch, seq_len, checkpointing, packed, threa
     The step is the loop's: forward with labels, backward, gradient clipping, AdamW over the loop's
     parameter groups, zero_grad(set_to_none); the second step is the first with AdamW state allocated.
     """
-    from eval_harness.bench_speed import _maxrss_bytes, _rss_bytes, random_ids
-    from modeling import HybridMambaForCausalLM
-    from trainers.loop import param_groups
+    from hybrid_mamba.eval_harness.bench_speed import _maxrss_bytes, _rss_bytes, random_ids
+    from hybrid_mamba.modeling import HybridMambaForCausalLM
+    from hybrid_mamba.trainers.loop import param_groups
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -222,8 +252,12 @@ def _measure_in_child(preset, micro_batch, seq_len, checkpointing, packed, threa
     # on the page cache (25-75 MiB seen here): file pages, reclaimable, not what the plan models. They stay
     # mapped, so their growth by the end is their growth at the peak.
     code = _file_rss_bytes() - files_after_build
-    return {"peak_over_build_mib": (peak - after_build - code) / MiB, "rss_after_build_mib": after_build / MiB,
-            "peak_rss_mib": peak / MiB, "code_pages_mib": code / MiB}
+    return {
+        "peak_over_build_mib": (peak - after_build - code) / MiB,
+        "rss_after_build_mib": after_build / MiB,
+        "peak_rss_mib": peak / MiB,
+        "code_pages_mib": code / MiB,
+    }
 
 
 def _file_rss_bytes() -> int:
@@ -247,7 +281,7 @@ def _measure_all(cases: list) -> list[dict]:
             try:
                 with os.fdopen(write, "wb") as f:
                     f.write(json.dumps(_measure_in_child(*case)).encode())
-            except BaseException:  # noqa: BLE001  (any failure: report it and leave)
+            except BaseException:
                 traceback.print_exc()
                 os._exit(1)
             os._exit(0)
@@ -270,7 +304,11 @@ def measure(cases: list) -> list[dict]:
     higher by a pattern-dependent amount (allocator fragmentation, which on GPUs the plan's FRAGMENTATION
     term covers).
     """
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     cmd = [sys.executable, __file__, json.dumps(cases)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
     if proc.returncode != 0:
@@ -280,8 +318,16 @@ def measure(cases: list) -> list[dict]:
 
 def predicted_over_build_mib(preset, micro_batch, seq_len, checkpointing, packed) -> float:
     """The plan for --device cpu --precision fp32, less the weights (already resident after the build)."""
-    args = PlanArgs(preset=preset, device="cpu", precision="fp32", micro_batch=micro_batch, seq_len=seq_len,
-                    activation_checkpointing=checkpointing, packed=packed, gpu_memory=64)
+    args = PlanArgs(
+        preset=preset,
+        device="cpu",
+        precision="fp32",
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        activation_checkpointing=checkpointing,
+        packed=packed,
+        gpu_memory=64,
+    )
     plan = estimate(args)
     return (plan.peak.total - plan.peak.weights) / MiB
 
@@ -290,14 +336,25 @@ def comparison_table(cases=MEASURED_CASES) -> tuple[list[dict], str]:
     rows = []
     for case, m in zip(cases, measure(cases), strict=True):
         pred = predicted_over_build_mib(*case)
-        rows.append({"case": case, "measured_mib": m["peak_over_build_mib"], "predicted_mib": pred,
-                     "ratio": pred / m["peak_over_build_mib"], **m})
-    lines = ["| preset | micro-batch x seq-len | checkpointing | packed | measured MiB | predicted MiB | predicted/measured |",
-             "|---|---|---|---|---|---|---|"]
+        rows.append(
+            {
+                "case": case,
+                "measured_mib": m["peak_over_build_mib"],
+                "predicted_mib": pred,
+                "ratio": pred / m["peak_over_build_mib"],
+                **m,
+            }
+        )
+    lines = [
+        "| preset | micro-batch x seq-len | checkpointing | packed | measured MiB | predicted MiB | predicted/measured |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         p, b, t, ckpt, packed = r["case"]
-        lines.append(f"| {p} | {b} x {t} | {'yes' if ckpt else 'no'} | {'yes' if packed else 'no'} | "
-                     f"{r['measured_mib']:.0f} | {r['predicted_mib']:.0f} | {r['ratio']:.3f} |")
+        lines.append(
+            f"| {p} | {b} x {t} | {'yes' if ckpt else 'no'} | {'yes' if packed else 'no'} | "
+            f"{r['measured_mib']:.0f} | {r['predicted_mib']:.0f} | {r['ratio']:.3f} |"
+        )
     return rows, "\n".join(lines)
 
 
@@ -313,9 +370,9 @@ def test_cpu_prediction_matches_measured_peak_rss():
 
 if __name__ == "__main__":
     if len(sys.argv) > 1:  # the measurement process started by `measure`
-        import eval_harness.bench_speed  # noqa: F401  (imported once here, not in every forked child)
-        import modeling  # noqa: F401
-        import trainers.loop  # noqa: F401
+        import hybrid_mamba.eval_harness.bench_speed
+        import hybrid_mamba.modeling
+        import hybrid_mamba.trainers.loop  # noqa: F401
 
         print(json.dumps(_measure_all(json.loads(sys.argv[1]))))
     else:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modeling.modeling_hybrid_mamba import (
+from hybrid_mamba.modeling.modeling_hybrid_mamba import (
     MAMBA_OPS,
     RMSNormFunction,
     SSDChunkScan,
@@ -34,7 +34,10 @@ def ssd_recurrent(x, dt, A, B, C, D, h0, seq_idx):
     for i in range(t):
         if (r := _resets(seq_idx, i)) is not None:
             state = state * (~r).float()[:, None, None, None]
-        state = state * torch.exp(dt[:, i] * A)[..., None, None] + (dt[:, i, :, None] * x[:, i])[..., None] * Bh[:, i, :, None]
+        state = (
+            state * torch.exp(dt[:, i] * A)[..., None, None]
+            + (dt[:, i, :, None] * x[:, i])[..., None] * Bh[:, i, :, None]
+        )
         ys.append(torch.einsum("bhpn,bhn->bhp", state, Ch[:, i]) + D[:, None] * x[:, i])
     return torch.stack(ys, 1), state
 
@@ -118,7 +121,9 @@ def _ssd_inputs(b, t, h, p, g, n, dtype, packed, initial):
     B, C = torch.randn(b, t, g, n, dtype=dtype), torch.randn(b, t, g, n, dtype=dtype)
     D = torch.randn(h, dtype=dtype)
     h0 = torch.randn(b, h, p, n, dtype=dtype) if initial else None
-    return [v.requires_grad_() if v is not None else None for v in (x, dt, A, B, C, D, h0)], _segments(b, t) if packed else None
+    return [v.requires_grad_() if v is not None else None for v in (x, dt, A, B, C, D, h0)], _segments(
+        b, t
+    ) if packed else None
 
 
 @pytest.mark.parametrize("packed, initial", [(False, False), (True, True), (True, False)])
@@ -144,7 +149,8 @@ def test_fast_ssd_scan_backward_is_the_derivative(packed):
 
 
 @pytest.mark.parametrize(
-    "prefix, packed, silu", [(False, False, False), (True, False, False), (False, True, False), (True, True, False), (True, True, True)]
+    "prefix, packed, silu",
+    [(False, False, False), (True, False, False), (False, True, False), (True, True, False), (True, True, True)],
 )
 def test_fast_conv_matches_reference_with_gradients(prefix, packed, silu):
     b, e, k, t = 2, 5, 4, 29
@@ -157,7 +163,9 @@ def test_fast_conv_matches_reference_with_gradients(prefix, packed, silu):
     ref = causal_conv1d_ref(x, w, bias, prefix=pre, seq_idx=seq, silu=silu)
     torch.testing.assert_close(out, ref)
     g = torch.randn_like(out)
-    for o, r in zip(torch.autograd.grad((out * g).sum(), (x, w, bias)), torch.autograd.grad((ref * g).sum(), (x, w, bias))):
+    for o, r in zip(
+        torch.autograd.grad((out * g).sum(), (x, w, bias)), torch.autograd.grad((ref * g).sum(), (x, w, bias))
+    ):
         torch.testing.assert_close(o, r)
     assert torch.autograd.gradcheck(lambda *v: causal_conv1d(*v, prefix=pre, seq_idx=seq, silu=silu), (x, w, bias))
 
@@ -176,7 +184,9 @@ def test_fast_rms_norm_matches_reference_with_gradients(gated, group_size):
     with torch.no_grad():  # without a gradient the fast operator is the reference itself
         assert torch.equal(rms_norm(x, w, gate, 1e-5, group_size), ref)
     gs = group_size or 12
-    assert torch.autograd.gradcheck(lambda x, w, *gate: RMSNormFunction.apply(x, w, *(gate or [None]), 1e-5, gs), inputs)
+    assert torch.autograd.gradcheck(
+        lambda x, w, *gate: RMSNormFunction.apply(x, w, *(gate or [None]), 1e-5, gs), inputs
+    )
 
 
 def test_operator_sets_keep_one_contract():

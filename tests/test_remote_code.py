@@ -9,14 +9,14 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from modeling import HybridMambaForCausalLM
+from hybrid_mamba.modeling import HybridMambaForCausalLM
 
 CHILD = r"""
 import importlib.abc, sys
 
 class BlockRepo(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("configuration", "modeling"):
+        if name.split(".")[0] in ("hybrid_mamba", "configuration", "modeling"):
             raise ImportError(f"{name} is blocked: the model folder must be self-contained")
 
 sys.meta_path.insert(0, BlockRepo())
@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 folder, inputs, outputs = sys.argv[1:4]
 model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
 assert type(AutoConfig.from_pretrained(folder, trust_remote_code=True)).__name__ == "HybridMambaConfig"
-leaked = sorted(k for k in sys.modules if k.split(".")[0] in ("configuration", "modeling"))
+leaked = sorted(k for k in sys.modules if k.split(".")[0] in ("hybrid_mamba", "configuration", "modeling"))
 assert not leaked, leaked
 ids = torch.load(inputs)
 with torch.no_grad():
@@ -43,7 +43,10 @@ def test_remote_code_loads_in_a_fresh_process(tmp_path):
     model = HybridMambaForCausalLM(tiny_config("hybrid")).eval()
     folder = tmp_path / "model"
     model.save_pretrained(folder)
-    assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoConfig"] == "configuration_hybrid_mamba.HybridMambaConfig"
+    assert (
+        json.loads((folder / "config.json").read_text())["auto_map"]["AutoConfig"]
+        == "configuration_hybrid_mamba.HybridMambaConfig"
+    )
     ids = torch.randint(3, 512, (2, 13))
     torch.save(ids, tmp_path / "in.pt")
 
@@ -51,7 +54,11 @@ def test_remote_code_loads_in_a_fresh_process(tmp_path):
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf"))
     run = subprocess.run(
         [sys.executable, "-c", CHILD, str(folder), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     out = torch.load(tmp_path / "out.pt")
@@ -97,27 +104,35 @@ def _load_with_version(tmp_path, version, *drop):
         HybridMambaForCausalLM(tiny_config("hybrid")).save_pretrained(folder)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / f"modules-{version}"), HF_HOME=str(tmp_path / "hf"))
-    return subprocess.run([sys.executable, "-c", VERSION_CHILD, str(folder), version, *drop],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", VERSION_CHILD, str(folder), version, *drop],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow
 def test_remote_code_names_the_supported_range_on_an_old_transformers(tmp_path):
-    from modeling.modeling_hybrid_mamba import TRANSFORMERS_FLOOR, TRANSFORMERS_TESTED
+    from hybrid_mamba.modeling.modeling_hybrid_mamba import TRANSFORMERS_FLOOR, TRANSFORMERS_TESTED
 
     old = _load_with_version(tmp_path, "5.20.2")
     assert old.returncode == 3, old.stderr[-3000:]
-    assert f"need transformers >={TRANSFORMERS_FLOOR},<6 (tested up to {TRANSFORMERS_TESTED}); found 5.20.2" in old.stdout
+    assert (
+        f"need transformers >={TRANSFORMERS_FLOOR},<6 (tested up to {TRANSFORMERS_TESTED}); found 5.20.2" in old.stdout
+    )
     new = _load_with_version(tmp_path, "5.99.0")
     assert new.returncode == 0, new.stderr[-3000:]
-    assert new.stderr.count(f"transformers 5.99.0 is newer than the newest release hybrid_mamba was tested with") == 1
+    assert new.stderr.count("transformers 5.99.0 is newer than the newest release hybrid_mamba was tested with") == 1
     current = _load_with_version(tmp_path, TRANSFORMERS_TESTED)
     assert current.returncode == 0 and "newer than" not in current.stderr
 
 
 @pytest.mark.slow
 def test_remote_code_names_the_missing_internal_and_the_range(tmp_path):
-    from modeling.modeling_hybrid_mamba import TRANSFORMERS_FLOOR, TRANSFORMERS_TESTED
+    from hybrid_mamba.modeling.modeling_hybrid_mamba import TRANSFORMERS_FLOOR, TRANSFORMERS_TESTED
 
     run = _load_with_version(tmp_path, "5.99.0", "LinearAttentionLayer")
     assert run.returncode == 3, run.stderr[-3000:]

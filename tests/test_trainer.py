@@ -15,28 +15,42 @@ import torch
 import yaml
 from accelerate.state import AcceleratorState
 
-from common.args import parse_args
-from trainers.args import PretrainArgs
-from trainers.checkpoint import CheckpointError, CheckpointManager
-from trainers.data import collate_packed, load_packed
-from trainers.loop import make_accelerator, param_groups, train
+from hybrid_mamba.common.args import parse_args
+from hybrid_mamba.trainers.args import PretrainArgs
+from hybrid_mamba.trainers.checkpoint import CheckpointError, CheckpointManager
+from hybrid_mamba.trainers.data import collate_packed, load_packed
+from hybrid_mamba.trainers.loop import make_accelerator, param_groups, train
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = dict(
-    model_preset="debug", model_overrides={"mamba_chunk_size": 16}, micro_batch_size=4, max_steps=8,
-    warmup_steps=2, learning_rate=3e-3, eval_every=4, checkpoint_every=4, log_every=1, sample_tokens=5,
+    model_preset="debug",
+    model_overrides={"mamba_chunk_size": 16},
+    micro_batch_size=4,
+    max_steps=8,
+    warmup_steps=2,
+    learning_rate=3e-3,
+    eval_every=4,
+    checkpoint_every=4,
+    log_every=1,
+    sample_tokens=5,
 )
 
 
 def pretrain_command(tmp_path, data, name, launch="cpu", env=None, **overrides):
-    """(command, environment) for `accelerate launch --config_file trainers/accelerate/<launch>.yaml -m trainers.pretrain`."""
+    """(command, environment) for `accelerate launch --config_file trainers/accelerate/<launch>.yaml -m hybrid_mamba.trainers.pretrain`."""
     cfg = {**BASE, "data_dir": str(data), "output_dir": str(tmp_path / name), **overrides}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "trainers" / "accelerate" / f"{launch}.yaml")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "trainers" / "accelerate" / f"{launch}.yaml"),
+    ]
     if launch != "cpu":
         cmd += ["--main_process_port", str(29500 + (os.getpid() + len(name)) % 1000)]
-    cmd += ["-m", "trainers.pretrain", "--config", str(path)]
+    cmd += ["-m", "hybrid_mamba.trainers.pretrain", "--config", str(path)]
     # cwd is tmp_path: the repository on PYTHONPATH makes the module importable without the editable install
     pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     return cmd, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath, **(env or {})}
@@ -70,7 +84,9 @@ def kill_after_step(tmp_path, data, name, step, launch="cpu", attempts=3, timeou
         cmd, env = pretrain_command(tmp_path, data, name, launch, **overrides)
         log = tmp_path / f"{name}.log"
         with open(log, "w") as out:
-            proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         try:
             while proc.poll() is None and step not in logged_steps(tmp_path / name):
@@ -90,7 +106,9 @@ def kill_after_step(tmp_path, data, name, step, launch="cpu", attempts=3, timeou
 
 def losses(run_dir):
     rows = [json.loads(r) for r in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}, {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}, {
+        r["step"]: r["val_loss"] for r in rows if "val_loss" in r
+    }
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +141,9 @@ def test_args_yaml_cli_and_typos(tmp_path):
     cfg.write_text("learning_rate: 0.01\nmodel_overrides: {hidden_size: 32}\n")
     args = parse_args(PretrainArgs, ["--config", str(cfg), "--max_steps", "7"])
     assert (args.learning_rate, args.max_steps, args.model_overrides) == (0.01, 7, {"hidden_size": 32})
-    with pytest.raises(ValueError, match=r"'learning_rat' \(did you mean 'learning_rate'\?\).*Valid fields: .*max_steps"):
+    with pytest.raises(
+        ValueError, match=r"'learning_rat' \(did you mean 'learning_rate'\?\).*Valid fields: .*max_steps"
+    ):
         parse_args(PretrainArgs, ["--config", str(cfg), "--learning_rat", "1"])
     cfg.write_text("max_step: 3\n")
     with pytest.raises(ValueError, match=r"'max_step' .* in .*c.yaml"):
@@ -140,7 +160,7 @@ def test_bad_data_dir_fails_before_work(tmp_path):
 def test_param_groups_exclude_norms_biases_embeddings_ssm():
     from conftest import tiny_config
 
-    from modeling import HybridMambaForCausalLM
+    from hybrid_mamba.modeling import HybridMambaForCausalLM
 
     model = HybridMambaForCausalLM(tiny_config("hybrid", mamba_proj_bias=True))
     decay, no_decay = param_groups(model, 0.1)
@@ -148,7 +168,15 @@ def test_param_groups_exclude_norms_biases_embeddings_ssm():
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     decay_names = {names[id(p)] for p in decay["params"]}
     assert all(n.endswith(".weight") and "norm" not in n and "embed" not in n for n in decay_names)
-    for suffix in ("A_log", "D", "dt_bias", "embed_tokens.weight", "input_layernorm.weight", "in_proj.bias", "mamba.norm.weight"):
+    for suffix in (
+        "A_log",
+        "D",
+        "dt_bias",
+        "embed_tokens.weight",
+        "input_layernorm.weight",
+        "in_proj.bias",
+        "mamba.norm.weight",
+    ):
         assert any(n.endswith(suffix) for n in no_decay_names), suffix
     assert len(decay_names) + len(no_decay_names) == len(names)
 
@@ -168,9 +196,13 @@ def test_resume_after_sigkill_reaches_the_same_loss(tmp_path, tiny_data, referen
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["tokens_seen"] == 8 * 4 * 32
     assert "unigram_baseline_val_loss" in summary and summary["sample"]
-    assert {"model.safetensors", "config.json", "modeling_hybrid_mamba.py", "tokenizer.json", "generation_config.json"} <= {
-        p.name for p in (tmp_path / "killed" / "final").iterdir()
-    }
+    assert {
+        "model.safetensors",
+        "config.json",
+        "modeling_hybrid_mamba.py",
+        "tokenizer.json",
+        "generation_config.json",
+    } <= {p.name for p in (tmp_path / "killed" / "final").iterdir()}
 
 
 @pytest.mark.slow
@@ -215,8 +247,8 @@ def _in_process_args(tmp_path, data, **kw):
 
 
 def _model(tok):
-    from configuration import get_preset
-    from modeling import HybridMambaForCausalLM
+    from hybrid_mamba.configuration import get_preset
+    from hybrid_mamba.modeling import HybridMambaForCausalLM
 
     torch.manual_seed(0)
     return HybridMambaForCausalLM(get_preset("debug", vocab_size=len(tok), mamba_chunk_size=16))
@@ -276,7 +308,7 @@ def test_resume_skips_a_truncated_checkpoint_and_continues_from_the_previous_one
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # what a full disk or a kill leaves
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    with caplog.at_level(logging.INFO, logger="trainers"):
+    with caplog.at_level(logging.INFO, logger="hybrid_mamba.trainers"):
         resumed = train(args, make_accelerator(args), _model(tok), train_ds, val_ds, collate_packed, tok)
     assert f"skipping checkpoint {damaged}: size mismatch of model.safetensors" in caplog.text
     assert f"resumed from {root / 'step_00000001'} at step 1" in caplog.text
@@ -307,7 +339,9 @@ def test_summary_json_has_one_writer_and_takes_the_callers_keys(tmp_path, tiny_d
         assert (run / "final" / "model.safetensors").exists() and not (run / "summary.json").exists()
         return {"unigram_baseline_val_loss": 1.0}
 
-    summary = train(args, make_accelerator(args), _model(tok), train_ds, val_ds, collate_packed, tok, summary_extras=extras)
+    summary = train(
+        args, make_accelerator(args), _model(tok), train_ds, val_ds, collate_packed, tok, summary_extras=extras
+    )
     written = json.loads((run / "summary.json").read_text())
     assert written == summary and list(written)[-1] == "unigram_baseline_val_loss"
     assert written["steps"] == 2 and written["best_step"] == 2

@@ -46,7 +46,9 @@ def ensure_chat_template(tokenizer) -> bool:
     if tokenizer.eos_token is None:
         raise ValueError("The tokenizer has neither a chat template nor an EOS token; give it a chat_template.")
     tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-    logger.warning("tokenizer has no chat template: using trainers.chat_data.DEFAULT_CHAT_TEMPLATE (saved with the adapter)")
+    logger.warning(
+        "tokenizer has no chat template: using trainers.chat_data.DEFAULT_CHAT_TEMPLATE (saved with the adapter)"
+    )
     return True
 
 
@@ -98,7 +100,7 @@ def read_chat_jsonl(path) -> tuple[list[tuple[int, list[dict]]], list[str]]:
 
 def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the [start, end) character span of every assistant turn."""
-    render = lambda msgs, gen=False: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+    render = lambda msgs, gen=False: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
     text = render(messages)
     spans = []
     for i, m in enumerate(messages):
@@ -121,7 +123,9 @@ GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 def tokenize_chat(tokenizer, messages: list[dict], max_seq_len: int) -> dict:
     """input_ids (T,) and labels (T,): labels are the ids on assistant tokens, -100 elsewhere."""
     if GENERATION_MARKER.search(tokenizer.chat_template or ""):
-        enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        enc = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
         ids, mask = enc["input_ids"][:max_seq_len], enc["assistant_masks"][:max_seq_len]
         return {"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]}
     text, spans = assistant_char_spans(tokenizer, messages)
@@ -147,5 +151,7 @@ def load_chat(path, tokenizer, max_seq_len: int) -> tuple[Dataset, list[str]]:
     if len(problems) > 20:
         logger.warning("... and %d more malformed records in %s", len(problems) - 20, path)
     if not rows:
-        raise ValueError(f"{path} has no usable conversation ({len(problems)} malformed record(s); first: {problems[:1]}).")
+        raise ValueError(
+            f"{path} has no usable conversation ({len(problems)} malformed record(s); first: {problems[:1]})."
+        )
     return Dataset.from_list(rows).with_format("torch"), problems

@@ -22,7 +22,7 @@ import re
 import shutil
 from pathlib import Path, PurePosixPath
 
-from common.files import atomic_dir, fsync_dir, write_text_atomic
+from hybrid_mamba.common.files import atomic_dir, fsync_dir, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,9 @@ def write_record(folder: Path, step: int) -> None:
         files.append({"path": path.relative_to(folder).as_posix(), "size": size, "sha256": digest})
     for sub in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
         fsync_dir(sub)
-    write_text_atomic(folder / RECORD, json.dumps({"format": RECORD_FORMAT, "step": step, "files": files}, indent=1) + "\n")
+    write_text_atomic(
+        folder / RECORD, json.dumps({"format": RECORD_FORMAT, "step": step, "files": files}, indent=1) + "\n"
+    )
 
 
 def check_record(folder: Path, hashes: bool = True) -> str | None:
@@ -191,9 +193,16 @@ def check_record(folder: Path, hashes: bool = True) -> str | None:
         found = record.get("format") if isinstance(record, dict) else None
         return f"{RECORD} has format {found!r}, this code reads format {RECORD_FORMAT}"
     files = record.get("files")
-    if not isinstance(files, list) or not files or not all(
-        isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("size"), int)
-        and isinstance(f.get("sha256"), str) for f in files
+    if (
+        not isinstance(files, list)
+        or not files
+        or not all(
+            isinstance(f, dict)
+            and isinstance(f.get("path"), str)
+            and isinstance(f.get("size"), int)
+            and isinstance(f.get("sha256"), str)
+            for f in files
+        )
     ):
         return f"{RECORD} does not list the checkpoint's files"
     match = _STEP_DIR.fullmatch(folder.name)

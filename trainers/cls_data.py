@@ -106,10 +106,10 @@ def hub_glue(task_name: str, task: Task) -> tuple[list[dict], list[dict]] | None
 
     try:
         ds = load_dataset(HUB_GLUE, task_name)
-    except Exception as err:  # noqa: BLE001 - any failure to reach or read the Hub means "use local files"
+    except Exception as err:
         logger.warning("GLUE from the Hub (%s/%s) is not reachable: %s", HUB_GLUE, task_name, str(err).splitlines()[0])
         return None
-    convert = lambda split: [{"texts": [r[c] for c in task.text_columns], "label": r["label"]} for r in split]  # noqa: E731
+    convert = lambda split: [{"texts": [r[c] for c in task.text_columns], "label": r["label"]} for r in split]
     return convert(ds["train"]), convert(ds[task.validation_split])
 
 

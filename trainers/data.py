@@ -19,7 +19,7 @@ def load_packed(data_dir: str):
     if missing:
         raise FileNotFoundError(
             f"{root} lacks {missing}: it must be a DATA/ folder written by "
-            "`python -m data_scripts.prepare --recipe ... --output DATA`."
+            "`python -m hybrid_mamba.data_scripts.prepare --recipe ... --output DATA`."
         )
     splits = []
     for name in ("train", "validation"):

@@ -1,8 +1,8 @@
 """Fine-tuning entry point: LoRA, QLoRA or all weights, on chat or classification data.
 
-    accelerate launch -m trainers.finetune --config trainers/configs/finetune_lora_chat.yaml
-    accelerate launch -m trainers.finetune --config trainers/configs/finetune_classification.yaml --seed 1
-    python -m trainers.finetune --config trainers/configs/finetune_qlora_chat.yaml   # needs bitsandbytes
+    accelerate launch -m hybrid_mamba.trainers.finetune --config trainers/configs/finetune_lora_chat.yaml
+    accelerate launch -m hybrid_mamba.trainers.finetune --config trainers/configs/finetune_classification.yaml --seed 1
+    python -m hybrid_mamba.trainers.finetune --config trainers/configs/finetune_qlora_chat.yaml   # needs bitsandbytes
 
 From the repository root or with the package installed (`make install`: editable).
 
@@ -11,7 +11,7 @@ trainers/peft_targets.py; ranks uniform or importance-allocated, trainers/rank_a
 runs the shared loop (trainers/loop.py: checkpoints, resume, logging, best/ and final/). For an
 adapter, best/ and final/ hold the adapter alone (adapter_config.json naming the base model,
 adapter_model.safetensors), the tokenizer (with the chat template used) and finetune_config.json;
-`python -m trainers.merge --adapter_dir RUN/final --out OUT` merges it into a full model folder.
+`python -m hybrid_mamba.trainers.merge --adapter_dir RUN/final --out OUT` merges it into a full model folder.
 """
 
 import json
@@ -20,36 +20,38 @@ from pathlib import Path
 
 import torch
 
-import modeling  # noqa: F401  (registers hybrid_mamba with the Auto classes)
-from modeling import HybridMambaForCausalLM, HybridMambaForSequenceClassification
-from trainers import metrics as local_metrics
-from common.args import parse_args
-from trainers.args import FinetuneArgs
-from trainers.chat_data import ensure_chat_template, load_chat
-from trainers.cls_data import (
+import hybrid_mamba.modeling  # noqa: F401  (registers hybrid_mamba with the Auto classes)
+from hybrid_mamba.common.args import parse_args
+from hybrid_mamba.modeling import HybridMambaForCausalLM, HybridMambaForSequenceClassification
+from hybrid_mamba.trainers import metrics as local_metrics
+from hybrid_mamba.trainers.args import FinetuneArgs
+from hybrid_mamba.trainers.chat_data import ensure_chat_template, load_chat
+from hybrid_mamba.trainers.cls_data import (
     GLUE_TASKS,
     load_examples,
     resolve_task,
     tokenize_examples,
 )
-from trainers.collate import right_pad
-from trainers.loop import evaluate_lm, make_accelerator, train
-from trainers.peft_targets import resolve_targets, target_module_names
-from trainers.qlora import check_not_repacked, guard_cpu_repack, load_4bit
-from trainers.rank_allocation import (
+from hybrid_mamba.trainers.collate import right_pad
+from hybrid_mamba.trainers.loop import evaluate_lm, make_accelerator, train
+from hybrid_mamba.trainers.peft_targets import resolve_targets, target_module_names
+from hybrid_mamba.trainers.qlora import check_not_repacked, guard_cpu_repack, load_4bit
+from hybrid_mamba.trainers.rank_allocation import (
     allocate_ranks,
     measure_importance,
     rank_and_alpha_patterns,
     uniform_budget,
 )
 
-logger = logging.getLogger("trainers.finetune")
+logger = logging.getLogger("hybrid_mamba.trainers.finetune")
 
 
 def check_args(args: FinetuneArgs) -> None:
     """Everything that can be checked before loading anything."""
     if not args.base_model:
-        raise ValueError("base_model is required: a save_pretrained folder (e.g. runs/tiny/final, or trainers.demo_base's output).")
+        raise ValueError(
+            "base_model is required: a save_pretrained folder (e.g. runs/tiny/final, or trainers.demo_base's output)."
+        )
     if not (Path(args.base_model) / "config.json").is_file():
         raise FileNotFoundError(f"base_model {args.base_model} has no config.json; give a save_pretrained folder.")
     # task, adapter and rank_allocation are checked by FinetuneArgs (Literal fields, __post_init__)
@@ -79,14 +81,24 @@ def load_data(args: FinetuneArgs, tokenizer):
         info = {"malformed_records": p1 + p2}
         return train_ds, val_ds, right_pad(tokenizer.pad_token_id), None, info
     task = resolve_task(args.classification_task, args.text_columns, args.num_labels)
-    train, val, problems = load_examples(args.classification_task, task, args.train_file, args.validation_file, args.data_source)
+    train, val, problems = load_examples(
+        args.classification_task, task, args.train_file, args.validation_file, args.data_source
+    )
     train_ds = tokenize_examples(train, tokenizer, args.max_seq_len, task.num_labels)
     val_ds = tokenize_examples(val, tokenizer, args.max_seq_len, task.num_labels)
-    metric_config = args.classification_task if args.classification_task in GLUE_TASKS else (
-        "regression" if task.num_labels == 1 else "classification"
+    metric_config = (
+        args.classification_task
+        if args.classification_task in GLUE_TASKS
+        else ("regression" if task.num_labels == 1 else "classification")
     )
     info = {"malformed_records": problems, "num_labels": task.num_labels, "metric": metric_config}
-    return train_ds, val_ds, right_pad(tokenizer.pad_token_id), classification_eval(metric_config, task.num_labels), info
+    return (
+        train_ds,
+        val_ds,
+        right_pad(tokenizer.pad_token_id),
+        classification_eval(metric_config, task.num_labels),
+        info,
+    )
 
 
 def classification_eval(metric_config: str, num_labels: int):
@@ -100,7 +112,9 @@ def classification_eval(metric_config: str, num_labels: int):
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits.float()  # (B, C)
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).logits.float()  # (B, C)
             labels = batch["labels"]
             if num_labels == 1:
                 pred = logits.squeeze(-1)
@@ -135,12 +149,19 @@ def load_base(args: FinetuneArgs, info: dict, tokenizer, accelerator):
     if args.task == "chat":
         cls, kwargs = HybridMambaForCausalLM, {}
     else:
-        cls, kwargs = HybridMambaForSequenceClassification, {"num_labels": info["num_labels"], "pad_token_id": tokenizer.pad_token_id}
+        cls, kwargs = (
+            HybridMambaForSequenceClassification,
+            {"num_labels": info["num_labels"], "pad_token_id": tokenizer.pad_token_id},
+        )
     if args.adapter == "qlora":
         on_gpu = accelerator.device.type == "cuda"
         return load_4bit(
-            cls, args.base_model, torch.bfloat16 if on_gpu else torch.float32, args.quant_skip_modules,
-            device_map={"": accelerator.local_process_index} if on_gpu else None, **kwargs,
+            cls,
+            args.base_model,
+            torch.bfloat16 if on_gpu else torch.float32,
+            args.quant_skip_modules,
+            device_map={"": accelerator.local_process_index} if on_gpu else None,
+            **kwargs,
         )
     return cls.from_pretrained(args.base_model, **kwargs)
 
@@ -150,14 +171,21 @@ def wrap_with_lora(args: FinetuneArgs, model, train_ds, collate_fn) -> tuple[tor
 
     targets = resolve_targets(model, args.lora_target_modules)
     info = {"targets": targets, "rank_allocation": args.rank_allocation}
-    config = dict(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
-                  task_type="CAUSAL_LM" if args.task == "chat" else "SEQ_CLS")
+    config = dict(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM" if args.task == "chat" else "SEQ_CLS",
+    )
     budget = uniform_budget(model, targets, args.lora_r)
     if args.rank_allocation == "importance":
         g = torch.Generator().manual_seed(args.seed)
         order = torch.randperm(len(train_ds), generator=g)[: args.importance_batches * args.micro_batch_size].tolist()
-        batches = [collate_fn([train_ds[j] for j in order[i : i + args.micro_batch_size]])
-                   for i in range(0, len(order), args.micro_batch_size)]
+        batches = [
+            collate_fn([train_ds[j] for j in order[i : i + args.micro_batch_size]])
+            for i in range(0, len(order), args.micro_batch_size)
+        ]
         device = next(model.parameters()).device
         batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
         spectra = measure_importance(model, batches, targets)
@@ -190,10 +218,16 @@ def main(argv=None) -> dict:
     accelerator = make_accelerator(args)
     torch.manual_seed(args.seed)  # the classifier head's init
     model = load_base(args, info, tokenizer, accelerator)
-    finetune = {"task": args.task, "adapter": args.adapter, "base_model": str(Path(args.base_model).resolve()),
-                "malformed_records": info["malformed_records"]}
+    finetune = {
+        "task": args.task,
+        "adapter": args.adapter,
+        "base_model": str(Path(args.base_model).resolve()),
+        "malformed_records": info["malformed_records"],
+    }
     if args.task == "classification":
-        finetune.update(num_labels=info["num_labels"], classification_task=args.classification_task, metric=info["metric"])
+        finetune.update(
+            num_labels=info["num_labels"], classification_task=args.classification_task, metric=info["metric"]
+        )
     if args.adapter != "none":
         model, lora_info = wrap_with_lora(args, model, train_ds, collate_fn)
         finetune.update(lora_info)
@@ -205,9 +239,16 @@ def main(argv=None) -> dict:
     if accelerator.is_main_process:  # what the adapter needs to be loaded, before any of it is saved
         Path(args.output_dir, "finetune_config.json").write_text(json.dumps(public(finetune), indent=2) + "\n")
     if accelerator.is_main_process:
-        logger.info("%s %s: %d trainable parameters of %d; %d train / %d validation examples; %d malformed records skipped",
-                    args.task, args.adapter, trainable, sum(p.numel() for p in model.parameters()),
-                    len(train_ds), len(val_ds), len(info["malformed_records"]))
+        logger.info(
+            "%s %s: %d trainable parameters of %d; %d train / %d validation examples; %d malformed records skipped",
+            args.task,
+            args.adapter,
+            trainable,
+            sum(p.numel() for p in model.parameters()),
+            len(train_ds),
+            len(val_ds),
+            len(info["malformed_records"]),
+        )
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(accelerator.device)
 
@@ -216,19 +257,23 @@ def main(argv=None) -> dict:
             finetune["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
         return {"finetune": finetune}
 
-    summary = train(args, accelerator, model, train_ds, val_ds, collate_fn, tokenizer, eval_fn, summary_extras=finetune_summary)
+    summary = train(
+        args, accelerator, model, train_ds, val_ds, collate_fn, tokenizer, eval_fn, summary_extras=finetune_summary
+    )
     if accelerator.is_main_process:
         out = Path(args.output_dir)
         for folder in (out / "best", out / "final"):
             if folder.is_dir():
                 (folder / "finetune_config.json").write_text(json.dumps(public(finetune), indent=2) + "\n")
         shown = {k: round(v, 4) for k, v in summary["final_eval"].items() if isinstance(v, float)}
-        print(f"{args.task} / {args.adapter}: final {shown}; best val_loss {summary['best_val_loss']:.4f} at step "
-              f"{summary['best_step']}; {trainable:,} trainable parameters; {out / 'final'}")
+        print(
+            f"{args.task} / {args.adapter}: final {shown}; best val_loss {summary['best_val_loss']:.4f} at step "
+            f"{summary['best_step']}; {trainable:,} trainable parameters; {out / 'final'}"
+        )
     return summary
 
 
 if __name__ == "__main__":
-    from configuration.cli import run_main
+    from hybrid_mamba.common.cli import run_main
 
     run_main(main)

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from common.files import write_text_atomic
+from hybrid_mamba.common.files import write_text_atomic
 
 from .args import TrainArgs
 from .checkpoint import CheckpointManager, atomic_save_pretrained
@@ -39,7 +39,15 @@ from .data import EpochSampler
 logger = logging.getLogger(__name__)
 
 # Dense bf16 peak of common accelerators (TFLOP/s), for the MFU estimate.
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "4090": 165.0}
+GPU_PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 125.0,
+    "L4": 121.0,
+    "4090": 165.0,
+}
 
 
 @dataclass
@@ -81,7 +89,9 @@ def make_accelerator(args: TrainArgs) -> Accelerator:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=mixed,
         log_with=log_with,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "logs")),
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "logs")
+        ),
     )
     if fsdp_on_cpu:
         _enable_fsdp_on_cpu(accelerator)
@@ -142,7 +152,9 @@ def peak_flops_per_process(args: TrainArgs, accelerator: Accelerator) -> tuple[f
 def flops_per_token(model, seq_len: int) -> float:
     """6N + 12 * attention layers * hidden * seq_len (PaLM's estimate; the Mamba scans are left out)."""
     cfg = model.config
-    n = sum(p.numel() for p in model.parameters()) - cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 0)
+    n = sum(p.numel() for p in model.parameters()) - cfg.vocab_size * cfg.hidden_size * (
+        1 if cfg.tie_word_embeddings else 0
+    )
     n_attn = sum(t == "attention" for t in cfg.layer_types)
     return 6 * n + 12 * n_attn * cfg.num_attention_heads * cfg.head_dim * seq_len
 
@@ -200,7 +212,17 @@ class Trainer:
     resume, then advanced by the CPU MFU probe, identically in a fresh and a resumed run.
     """
 
-    def __init__(self, args: TrainArgs, accelerator: Accelerator, model, train_ds, val_ds, collate_fn, tokenizer=None, eval_fn=None):
+    def __init__(
+        self,
+        args: TrainArgs,
+        accelerator: Accelerator,
+        model,
+        train_ds,
+        val_ds,
+        collate_fn,
+        tokenizer=None,
+        eval_fn=None,
+    ):
         self.args, self.accelerator, self.tokenizer = args, accelerator, tokenizer
         self.eval_fn = eval_fn or evaluate_lm
         self.out = Path(args.output_dir)
@@ -213,12 +235,18 @@ class Trainer:
         if len(train_ds) < args.micro_batch_size * accelerator.num_processes:
             raise ValueError(f"train split has {len(train_ds)} blocks, fewer than one global micro-batch.")
         self._build(model, train_ds, val_ds, collate_fn)
-        self.ckpt = CheckpointManager(self.out / "checkpoints", args.keep_checkpoints, main_process=accelerator.is_main_process)
+        self.ckpt = CheckpointManager(
+            self.out / "checkpoints", args.keep_checkpoints, main_process=accelerator.is_main_process
+        )
         self.metrics = MetricsLog(self.out / "metrics.jsonl", accelerator)
         self._resume()
         if accelerator.is_main_process:
-            accelerator.init_trackers("hybrid-mamba", config={k: str(v) if isinstance(v, (list, dict)) else v for k, v in vars(args).items()})
-        self.params_local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in self.model.parameters())
+            accelerator.init_trackers(
+                "hybrid-mamba", config={k: str(v) if isinstance(v, (list, dict)) else v for k, v in vars(args).items()}
+            )
+        self.params_local = sum(
+            p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in self.model.parameters()
+        )
         self.params_total = sum(p.numel() for p in self.model.parameters())  # a DTensor's numel is the global one
         self.peak, self.peak_source = peak_flops_per_process(args, accelerator)
         self.flops_per_token = flops_per_token(accelerator.unwrap_model(self.model), self.seq_len)
@@ -238,11 +266,19 @@ class Trainer:
         )
         self.sampler = EpochSampler(len(train_ds), args.seed)
         train_loader = DataLoader(
-            train_ds, batch_size=args.micro_batch_size, sampler=self.sampler, collate_fn=collate_fn,
-            drop_last=True, num_workers=args.num_workers,
+            train_ds,
+            batch_size=args.micro_batch_size,
+            sampler=self.sampler,
+            collate_fn=collate_fn,
+            drop_last=True,
+            num_workers=args.num_workers,
         )
-        val_loader = DataLoader(val_ds, batch_size=args.micro_batch_size, collate_fn=collate_fn, num_workers=args.num_workers)
-        self.model, self.optimizer, self.train_loader, self.val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+        val_loader = DataLoader(
+            val_ds, batch_size=args.micro_batch_size, collate_fn=collate_fn, num_workers=args.num_workers
+        )
+        self.model, self.optimizer, self.train_loader, self.val_loader = accelerator.prepare(
+            model, optimizer, train_loader, val_loader
+        )
         self.state = TrainState()
         accelerator.register_for_checkpointing(self.scheduler, self.state)
         if len(self.train_loader) < args.gradient_accumulation_steps:
@@ -286,7 +322,13 @@ class Trainer:
         self.stream = self._batches()
         self.model.train()
         self.start_wall = time.perf_counter()
-        bar = tqdm(total=self.max_steps, initial=state.step, disable=not self.accelerator.is_main_process, desc="train", dynamic_ncols=True)
+        bar = tqdm(
+            total=self.max_steps,
+            initial=state.step,
+            disable=not self.accelerator.is_main_process,
+            desc="train",
+            dynamic_ncols=True,
+        )
         self.window = {"tokens": 0, "time": 0.0, "wait": 0.0, "steps": 0}
         self.last_eval = None  # (step, eval_fn result)
         while state.step < self.max_steps:
@@ -403,7 +445,9 @@ class Trainer:
     def _hardware(self) -> dict:
         accelerator = self.accelerator
         return {
-            "device": torch.cuda.get_device_name() if accelerator.device.type == "cuda" else platform.processor() or platform.machine(),
+            "device": torch.cuda.get_device_name()
+            if accelerator.device.type == "cuda"
+            else platform.processor() or platform.machine(),
             "processes": accelerator.num_processes,
             "distributed_type": str(accelerator.distributed_type),
             "mixed_precision": accelerator.mixed_precision,
@@ -415,8 +459,17 @@ class Trainer:
         }
 
 
-def train(args: TrainArgs, accelerator: Accelerator, model, train_ds, val_ds, collate_fn, tokenizer=None, eval_fn=None,
-          summary_extras=None) -> dict:
+def train(
+    args: TrainArgs,
+    accelerator: Accelerator,
+    model,
+    train_ds,
+    val_ds,
+    collate_fn,
+    tokenizer=None,
+    eval_fn=None,
+    summary_extras=None,
+) -> dict:
     """Train `model` on `train_ds`; returns the summary, also written to RUN/summary.json.
 
     `eval_fn(model, val_loader, accelerator, max_batches) -> dict` is called at every evaluation; its
@@ -437,6 +490,10 @@ def _save_model(accelerator, model, tokenizer, folder: Path) -> None:
         unwrapped = accelerator.unwrap_model(model)
         gen = getattr(unwrapped, "generation_config", None)  # None: a classifier, no generation
         if tokenizer is not None and gen is not None:
-            gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+            gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = (
+                tokenizer.bos_token_id,
+                tokenizer.eos_token_id,
+                tokenizer.pad_token_id,
+            )
         atomic_save_pretrained(unwrapped, tokenizer, folder, state_dict=state_dict)
     accelerator.wait_for_everyone()

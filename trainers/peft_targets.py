@@ -69,7 +69,8 @@ def target_module_names(model: nn.Module, targets: list[str]) -> list[str]:
     """Full module names (`model.layers.3.mamba.in_proj`) that `targets` select, in model order."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return [
-        name for name, module in base.named_modules()
+        name
+        for name, module in base.named_modules()
         if _is_linear(module) and any(name.endswith("." + t) for t in targets) and ".layers." in name
     ]
 

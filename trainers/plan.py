@@ -1,9 +1,9 @@
 """Memory and time planner: can a preset be trained on N GPUs of M GiB, and if not, what would it take?
 
-    python -m trainers.plan --preset 13b --gpus 2 --gpu-memory 24
-    python -m trainers.plan --preset 1.3b --gpus 8 --gpu-memory 80 --micro-batch 8 --activation-checkpointing \\
+    python -m hybrid_mamba.trainers.plan --preset 13b --gpus 2 --gpu-memory 24
+    python -m hybrid_mamba.trainers.plan --preset 1.3b --gpus 8 --gpu-memory 80 --micro-batch 8 --activation-checkpointing \\
         --tokens 2.6e10 --mfu 0.4 --peak-tflops 989 --json plan.json
-    python -m trainers.plan --preset tiny --device cpu --precision fp32 --micro-batch 2 --seq-len 256 --gpu-memory 16
+    python -m hybrid_mamba.trainers.plan --preset tiny --device cpu --precision fp32 --micro-batch 2 --seq-len 256 --gpu-memory 16
 
 Models the run of trainers/loop.py: AdamW, FSDP2 through accelerate (trainers/accelerate/fsdp.yaml: full
 shard over --gpus, one unit per decoder layer plus the root), bf16 autocast or fp32, optional activation
@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from common.args import parse_args
-from configuration import get_preset
-from configuration.param_counts import count_parameters
+from hybrid_mamba.common.args import parse_args
+from hybrid_mamba.configuration import get_preset
+from hybrid_mamba.configuration.param_counts import count_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +72,12 @@ class PlanArgs:
     """What to train and on what. Sizes are per GPU; --gpu-memory is host RAM for --device cpu."""
 
     preset: str = field(metadata={"help": "Preset from configuration/presets.yaml (debug, tiny, ..., 13b)."})
-    gpus: int = field(default=1, metadata={"help": "GPUs; FSDP shards parameters, gradients and AdamW state over all of them."})
-    gpu_memory: float = field(default=80.0, metadata={"help": "Memory of one GPU in GiB (24 for a 24 GB card, 80 for an H100)."})
+    gpus: int = field(
+        default=1, metadata={"help": "GPUs; FSDP shards parameters, gradients and AdamW state over all of them."}
+    )
+    gpu_memory: float = field(
+        default=80.0, metadata={"help": "Memory of one GPU in GiB (24 for a 24 GB card, 80 for an H100)."}
+    )
     micro_batch: int = field(default=1, metadata={"help": "Sequences per GPU per forward."})
     seq_len: int = field(default=2048, metadata={"help": "Tokens per sequence."})
     precision: Literal["bf16", "fp32"] = field(
@@ -83,7 +87,8 @@ class PlanArgs:
         default=False, metadata={"help": "Keep only each decoder layer's input; recompute the layer in backward."}
     )
     cpu_offload: bool = field(
-        default=False, metadata={"help": "FSDP2 CPU offload: sharded parameters, gradients and AdamW state in host RAM."}
+        default=False,
+        metadata={"help": "FSDP2 CPU offload: sharded parameters, gradients and AdamW state in host RAM."},
     )
     optimizer: Literal["adamw"] = field(default="adamw", metadata={"help": "Optimizer (the loop uses AdamW)."})
     gradient_accumulation_steps: int = field(
@@ -91,21 +96,31 @@ class PlanArgs:
     )
     packed: bool = field(
         default=True,
-        metadata={"help": "Rows pack several documents (position_ids restart, as data_scripts writes them): document masks."},
+        metadata={
+            "help": "Rows pack several documents (position_ids restart, as data_scripts writes them): document masks."
+        },
     )
     device: Literal["cuda", "cpu"] = field(
         default="cuda",
-        metadata={"help": "cuda: FSDP2 on GPUs; cpu: one fp32 process, no FSDP and no CUDA overheads (what the tests measure)."},
+        metadata={
+            "help": "cuda: FSDP2 on GPUs; cpu: one fp32 process, no FSDP and no CUDA overheads (what the tests measure)."
+        },
     )
     tokens: float | None = field(default=None, metadata={"help": "Token budget of the run, for the time estimate."})
-    tokens_per_s: float | None = field(default=None, metadata={"help": "Training throughput of the whole run (all GPUs), tokens/s."})
+    tokens_per_s: float | None = field(
+        default=None, metadata={"help": "Training throughput of the whole run (all GPUs), tokens/s."}
+    )
     mfu: float | None = field(
-        default=None, metadata={"help": "Model FLOPs utilisation; with --peak-tflops gives tokens/s from FLOPs per token."}
+        default=None,
+        metadata={"help": "Model FLOPs utilisation; with --peak-tflops gives tokens/s from FLOPs per token."},
     )
     peak_tflops: float | None = field(
-        default=None, metadata={"help": "Peak dense TFLOP/s of one GPU in the chosen precision (989 for an H100 in bf16)."}
+        default=None,
+        metadata={"help": "Peak dense TFLOP/s of one GPU in the chosen precision (989 for an H100 in bf16)."},
     )
-    json_out: str | None = field(default=None, metadata={"aliases": ["--json"], "help": "Also write the plan to this JSON file."})
+    json_out: str | None = field(
+        default=None, metadata={"aliases": ["--json"], "help": "Also write the plan to this JSON file."}
+    )
 
     def __post_init__(self):
         for name in ("gpus", "micro_batch", "seq_len", "gradient_accumulation_steps"):
@@ -114,7 +129,9 @@ class PlanArgs:
         if self.gpu_memory <= 0:
             raise ValueError(f"--gpu-memory must be positive (GiB), got {self.gpu_memory}.")
         if self.device == "cpu" and (self.gpus != 1 or self.cpu_offload or self.precision != "fp32"):
-            raise ValueError("--device cpu models one fp32 process without FSDP: use --gpus 1 --precision fp32, no --cpu-offload.")
+            raise ValueError(
+                "--device cpu models one fp32 process without FSDP: use --gpus 1 --precision fp32, no --cpu-offload."
+            )
         if self.tokens_per_s is not None and (self.mfu is not None or self.peak_tflops is not None):
             raise ValueError("Give either --tokens-per-s or --mfu with --peak-tflops, not both.")
         if (self.mfu is None) != (self.peak_tflops is None):
@@ -123,8 +140,9 @@ class PlanArgs:
             raise ValueError(f"--mfu is a fraction in (0, 1], got {self.mfu}.")
 
 
-def activation_bytes_per_token(config, kind: str, seq_len: int, act_bytes: int, packed: bool,
-                               device: str = "cuda") -> tuple[float, float]:
+def activation_bytes_per_token(
+    config, kind: str, seq_len: int, act_bytes: int, packed: bool, device: str = "cuda"
+) -> tuple[float, float]:
     """Bytes per token that one `kind` keeps for backward, and the extra bytes its backward needs at once.
 
     `kind` is a mixer ("attention", "mamba1", "mamba2"), "mlp", or "head" (final norm, logits and the
@@ -137,8 +155,13 @@ def activation_bytes_per_token(config, kind: str, seq_len: int, act_bytes: int, 
     flowing out of it), or what cross-entropy's backward allocates. `device` picks the Mamba-2 scan's
     chunk length (on CPU, at most the modeling file's CPU_CHUNK_SIZE).
     """
-    per_kind = {"mlp": _mlp_bytes, "attention": _attention_bytes, "mamba2": _mamba2_bytes, "mamba1": _mamba1_bytes,
-                "head": _head_bytes}
+    per_kind = {
+        "mlp": _mlp_bytes,
+        "attention": _attention_bytes,
+        "mamba2": _mamba2_bytes,
+        "mamba1": _mamba1_bytes,
+        "head": _head_bytes,
+    }
     if kind not in per_kind:
         raise ValueError(f"Unknown kind {kind!r}: one of attention, mamba1, mamba2, mlp, head.")
     a = act_bytes
@@ -169,7 +192,7 @@ def _attention_bytes(config, a: int, norm: float, T: int, packed: bool, **_) -> 
 
 
 def _mamba2_bytes(config, a: int, norm: float, T: int, device: str, **_) -> tuple[float, float]:
-    from modeling.modeling_hybrid_mamba import CPU_CHUNK_SIZE
+    from hybrid_mamba.modeling.modeling_hybrid_mamba import CPU_CHUNK_SIZE
 
     f = FP32
     E, H, G, N = config.mamba_d_inner, config.mamba_n_heads, config.mamba_n_groups, config.mamba_d_state
@@ -196,7 +219,7 @@ def _mamba2_bytes(config, a: int, norm: float, T: int, device: str, **_) -> tupl
 
 
 def _mamba1_bytes(config, a: int, norm: float, T: int, packed: bool, **_) -> tuple[float, float]:
-    from modeling.modeling_hybrid_mamba import selective_scan
+    from hybrid_mamba.modeling.modeling_hybrid_mamba import selective_scan
 
     f = FP32
     low = a < f  # bf16: upcasts make fp32 copies where fp32 runs reuse the tensor
@@ -211,11 +234,13 @@ def _mamba1_bytes(config, a: int, norm: float, T: int, packed: bool, **_) -> tup
     # the first), the chunk states hs (fp32; under bf16 only those carried on) and their copy.
     per_chunk = 0.0
     lengths = [min(chunk, T - s) for s in range(0, T, chunk)]
-    for k, l in enumerate(lengths):
-        levels = max(0, 2 * (math.ceil(math.log2(l)) - 1)) if l > 1 else 0
+    for k, length in enumerate(lengths):
+        levels = max(0, 2 * (math.ceil(math.log2(length)) - 1)) if length > 1 else 0
         carried = 1 if (not low or k < len(lengths) - 1) else 0
-        per_chunk += l * (f * (levels + (k > 0) + carried) + (a if low else 0))
-    saved += f * (3 if packed else 2) * E * N + E * N * per_chunk / T  # packed: also the decay zeroed at document starts
+        per_chunk += length * (f * (levels + (k > 0) + carried) + (a if low else 0))
+    saved += (
+        f * (3 if packed else 2) * E * N + E * N * per_chunk / T
+    )  # packed: also the decay zeroed at document starts
     saved += 3 * a * E  # y, silu(z), y * silu(z) (out_proj's input)
     return saved, 2 * f * E * N
 
@@ -293,7 +318,9 @@ def estimate(args: PlanArgs, config=None, counts: dict | None = None) -> Plan:
     """Peak per-device memory of one training step under `args` (see the module docstring)."""
     config = config or get_preset(args.preset)
     if args.seq_len > config.max_position_embeddings:
-        raise ValueError(f"--seq-len {args.seq_len} exceeds the preset's max_position_embeddings {config.max_position_embeddings}.")
+        raise ValueError(
+            f"--seq-len {args.seq_len} exceeds the preset's max_position_embeddings {config.max_position_embeddings}."
+        )
     counts = counts or count_parameters(config)
     P, g = counts["total"], args.gpus
     a = COMPUTE_BYTES[args.precision]
@@ -364,7 +391,12 @@ def estimate(args: PlanArgs, config=None, counts: dict | None = None) -> Plan:
         host = offloaded + HOST_RUNTIME_GIB * GiB * g
     startup = MASTER_WEIGHT_BYTES * P * g if cuda else 0.0
     logger.debug("plan %s: peak %.2f GiB in %s", args.preset, peak.total / GiB, peak.phase)
-    params = {**counts, "root": root, "unit": unit, "layer_kinds": [config.mixer_type(i) for i in range(config.num_hidden_layers)]}
+    params = {
+        **counts,
+        "root": root,
+        "unit": unit,
+        "layer_kinds": [config.mixer_type(i) for i in range(config.num_hidden_layers)],
+    }
     return Plan(args, params, peak, phases, host, startup)
 
 
@@ -439,8 +471,8 @@ def training_time(args: PlanArgs, config) -> dict | None:
     if args.mfu is not None:
         import torch
 
-        from modeling import HybridMambaForCausalLM
-        from trainers.loop import flops_per_token
+        from hybrid_mamba.modeling import HybridMambaForCausalLM
+        from hybrid_mamba.trainers.loop import flops_per_token
 
         with torch.device("meta"):
             model = HybridMambaForCausalLM(config)
@@ -489,77 +521,131 @@ def _duration(seconds: float) -> str:
 
 
 def _parts(b: Breakdown) -> str:
-    return (f"weights {_gib(b.weights)}, gradients {_gib(b.gradients)}, optimizer {_gib(b.optimizer)}, "
-            f"activations {_gib(b.activations)}, FSDP buffers {_gib(b.fsdp_buffers)}, overhead {_gib(b.overhead)}")
+    return (
+        f"weights {_gib(b.weights)}, gradients {_gib(b.gradients)}, optimizer {_gib(b.optimizer)}, "
+        f"activations {_gib(b.activations)}, FSDP buffers {_gib(b.fsdp_buffers)}, overhead {_gib(b.overhead)}"
+    )
 
 
-def render(plan: Plan, fixes=None, gpus_needed=None, gpus_needed_ckpt=None, time=None) -> str:
-    """The plan as the CLI prints it."""
+def _state_bytes(plan: Plan) -> tuple[int, float]:
+    """Bytes per parameter of weights, gradients and AdamW state, and their total."""
+    per_param = MASTER_WEIGHT_BYTES + GRADIENT_BYTES + ADAMW_BYTES
+    return per_param, per_param * plan.params["total"]
+
+
+def _assumptions(plan: Plan) -> list[str]:
     args, p = plan.args, plan.params
     cuda = args.device == "cuda"
-    per_param = MASTER_WEIGHT_BYTES + GRADIENT_BYTES + ADAMW_BYTES
-    state = per_param * p["total"]
+    per_param, state = _state_bytes(plan)
     kinds = p["layer_kinds"]
     layout = ", ".join(f"{kinds.count(k)} {k}" for k in sorted(set(kinds)))
     lines = [
-        f"Plan for preset {args.preset}: {p['total'] / 1e9:.2f}B parameters ({p['non_embedding'] / 1e9:.2f}B non-embedding)",
-        f"  {_setting(args)}",
-        "",
         "Assumptions:",
         f"  state: {MASTER_WEIGHT_BYTES} (fp32 master weights) + {GRADIENT_BYTES} (fp32 gradients) + {ADAMW_BYTES} (AdamW moments, fp32)"
         f" = {per_param} bytes/parameter = {_gib(state)}, {_gib(state / args.gpus)} per {'GPU' if cuda else 'process'}"
         + (" in host RAM (CPU offload)" if args.cpu_offload else ""),
     ]
     if cuda:
-        lines.append(f"  FSDP buffers: root unit ({p['root'] / 1e6:,.0f}M: embedding, lm_head, norms) unsharded with its gradient,"
-                     f" 2 decoder layers unsharded and 1 layer gradient ({p['unit'] / 1e6:,.0f}M each),"
-                     f" {COMPUTE_BYTES[args.precision]} bytes each")
-        lines.append(f"  overhead: {CUDA_CONTEXT_GIB:g} GiB CUDA context and workspaces + {FRAGMENTATION:.0%} allocator fragmentation"
-                     " of activations and FSDP buffers")
+        lines.append(
+            f"  FSDP buffers: root unit ({p['root'] / 1e6:,.0f}M: embedding, lm_head, norms) unsharded with its gradient,"
+            f" 2 decoder layers unsharded and 1 layer gradient ({p['unit'] / 1e6:,.0f}M each),"
+            f" {COMPUTE_BYTES[args.precision]} bytes each"
+        )
+        lines.append(
+            f"  overhead: {CUDA_CONTEXT_GIB:g} GiB CUDA context and workspaces + {FRAGMENTATION:.0%} allocator fragmentation"
+            " of activations and FSDP buffers"
+        )
     else:
         lines.append(f"  overhead: {CPU_RUNTIME_MIB} MiB CPU runtime (no CUDA context, no FSDP buffers)")
-    lines.append(f"  activations: per layer type ({layout} layers), pure-torch path in {args.precision}"
-                 + (" (an upper bound for Mamba layers run by mamba-ssm kernels)" if cuda else ""))
+    lines.append(
+        f"  activations: per layer type ({layout} layers), pure-torch path in {args.precision}"
+        + (" (an upper bound for Mamba layers run by mamba-ssm kernels)" if cuda else "")
+    )
+    return lines
 
+
+def _peak_lines(plan: Plan) -> list[str]:
+    args = plan.args
+    cuda = args.device == "cuda"
+    _, state = _state_bytes(plan)
     b = plan.peak
-    lines += ["", f"Per-{'GPU' if cuda else 'device'} memory at the peak ({b.phase}):"]
-    rows = [("weights", b.weights), ("gradients", b.gradients), ("optimizer state", b.optimizer), ("activations", b.activations),
-            ("FSDP buffers", b.fsdp_buffers), ("overhead", b.overhead), ("total", b.total), ("available", plan.capacity)]
+    lines = [f"Per-{'GPU' if cuda else 'device'} memory at the peak ({b.phase}):"]
+    rows = [
+        ("weights", b.weights),
+        ("gradients", b.gradients),
+        ("optimizer state", b.optimizer),
+        ("activations", b.activations),
+        ("FSDP buffers", b.fsdp_buffers),
+        ("overhead", b.overhead),
+        ("total", b.total),
+        ("available", plan.capacity),
+    ]
     lines += [f"  {name:<16}{_gib(v):>16}" for name, v in rows]
     if plan.phases[-1] is not b:
         lines.append(f"  (optimizer step: {_gib(plan.phases[-1].total)}; loss backward: {_gib(plan.phases[0].total)})")
     lines += ["", _verdict(plan)]
     if cuda:
         offloaded = f"{_gib(state)} offloaded state + " if args.cpu_offload else ""
-        lines.append(f"Host RAM: {_gib(plan.host_ram)} for {args.gpus} GPU process(es) ({offloaded}{HOST_RUNTIME_GIB:g} GiB per process);"
-                     f" {_gib(plan.startup_host_ram)} at startup, while trainers/pretrain.py builds the fp32 model in every process")
+        lines.append(
+            f"Host RAM: {_gib(plan.host_ram)} for {args.gpus} GPU process(es) ({offloaded}{HOST_RUNTIME_GIB:g} GiB per process);"
+            f" {_gib(plan.startup_host_ram)} at startup, while trainers/pretrain.py builds the fp32 model in every process"
+        )
+    return lines
 
+
+def _fix_lines(plan: Plan, fixes, gpus_needed, gpus_needed_ckpt) -> list[str]:
+    args = plan.args
+    cuda = args.device == "cuda"
+    lines = [""]
+    if fixes:
+        lines.append("What fits instead (smallest change):")
+        for name, fix in fixes:
+            lines.append(
+                f"  {name}: {_gib(fix.peak.total)} per GPU, {_gib(fix.margin)} ({100 * fix.margin / fix.capacity:.0f}%) free"
+            )
+            lines.append(f"    {_parts(fix.peak)}; host RAM {_gib(fix.host_ram)}")
+    else:
+        lines.append("No combination of checkpointing, CPU offload, micro-batch 1 and a shorter sequence fits.")
+    if cuda:
+        mem = f"{args.gpu_memory:g} GiB"
+        lines.append(f"Fewest GPUs of {mem} with these settings: {gpus_needed or 'none up to 4096'}")
+        if not args.activation_checkpointing:
+            lines.append(f"Fewest GPUs of {mem} with activation checkpointing: {gpus_needed_ckpt or 'none up to 4096'}")
+    return lines
+
+
+def _time_lines(plan: Plan, time: dict) -> list[str]:
+    args = plan.args
+    lines = [""]
+    if "seconds" not in time:
+        lines.append(f"Time for {time['tokens']:.3g} tokens: give --tokens-per-s, or --mfu and --peak-tflops.")
+    else:
+        src = "given"
+        if "flops_per_token" in time:
+            src = (
+                f"{args.mfu:g} MFU x {args.peak_tflops:g} TFLOP/s x {args.gpus} GPU(s) / {time['flops_per_token'] / 1e9:.1f} GFLOP"
+                " per token, 6N + attention as trainers.loop.flops_per_token"
+            )
+        lines.append(f"Time for {time['tokens']:.3g} tokens at {time['tokens_per_s']:,.0f} tokens/s ({src}):")
+        lines.append(f"  {_duration(time['seconds'])} ({time['gpu_hours']:,.0f} GPU-hours)")
+    return lines
+
+
+def render(plan: Plan, fixes=None, gpus_needed=None, gpus_needed_ckpt=None, time=None) -> str:
+    """The plan as the CLI prints it."""
+    args, p = plan.args, plan.params
+    lines = [
+        f"Plan for preset {args.preset}: {p['total'] / 1e9:.2f}B parameters ({p['non_embedding'] / 1e9:.2f}B non-embedding)",
+        f"  {_setting(args)}",
+        "",
+        *_assumptions(plan),
+        "",
+        *_peak_lines(plan),
+    ]
     if fixes is not None:
-        lines.append("")
-        if fixes:
-            lines.append("What fits instead (smallest change):")
-            for name, fix in fixes:
-                lines.append(f"  {name}: {_gib(fix.peak.total)} per GPU, {_gib(fix.margin)} ({100 * fix.margin / fix.capacity:.0f}%) free")
-                lines.append(f"    {_parts(fix.peak)}; host RAM {_gib(fix.host_ram)}")
-        else:
-            lines.append("No combination of checkpointing, CPU offload, micro-batch 1 and a shorter sequence fits.")
-        if cuda:
-            mem = f"{args.gpu_memory:g} GiB"
-            lines.append(f"Fewest GPUs of {mem} with these settings: {gpus_needed or 'none up to 4096'}")
-            if not args.activation_checkpointing:
-                lines.append(f"Fewest GPUs of {mem} with activation checkpointing: {gpus_needed_ckpt or 'none up to 4096'}")
-
+        lines += _fix_lines(plan, fixes, gpus_needed, gpus_needed_ckpt)
     if time is not None:
-        lines.append("")
-        if "seconds" not in time:
-            lines.append(f"Time for {time['tokens']:.3g} tokens: give --tokens-per-s, or --mfu and --peak-tflops.")
-        else:
-            src = "given"
-            if "flops_per_token" in time:
-                src = (f"{args.mfu:g} MFU x {args.peak_tflops:g} TFLOP/s x {args.gpus} GPU(s) / {time['flops_per_token'] / 1e9:.1f} GFLOP"
-                       " per token, 6N + attention as trainers.loop.flops_per_token")
-            lines.append(f"Time for {time['tokens']:.3g} tokens at {time['tokens_per_s']:,.0f} tokens/s ({src}):")
-            lines.append(f"  {_duration(time['seconds'])} ({time['gpu_hours']:,.0f} GPU-hours)")
+        lines += _time_lines(plan, time)
     return "\n".join(lines)
 
 
@@ -571,7 +657,11 @@ def to_json(plan: Plan, fixes, gpus_needed, gpus_needed_ckpt, time) -> dict:
         "args": dataclasses.asdict(plan.args),
         "parameters": plan.params,
         "assumptions": {
-            "bytes_per_parameter": {"master_weights": MASTER_WEIGHT_BYTES, "gradients": GRADIENT_BYTES, "adamw": ADAMW_BYTES},
+            "bytes_per_parameter": {
+                "master_weights": MASTER_WEIGHT_BYTES,
+                "gradients": GRADIENT_BYTES,
+                "adamw": ADAMW_BYTES,
+            },
             "foreach_step_bytes_per_parameter": FOREACH_STEP_BYTES,
             "cuda_context_gib": CUDA_CONTEXT_GIB,
             "fragmentation": FRAGMENTATION,
@@ -586,7 +676,10 @@ def to_json(plan: Plan, fixes, gpus_needed, gpus_needed_ckpt, time) -> dict:
         "margin_percent": 100 * plan.margin / plan.capacity,
         "host_ram_bytes": plan.host_ram,
         "startup_host_ram_bytes": plan.startup_host_ram,
-        "fixes": [{"change": n, "peak": breakdown(f.peak), "margin_bytes": f.margin, "host_ram_bytes": f.host_ram} for n, f in fixes or []],
+        "fixes": [
+            {"change": n, "peak": breakdown(f.peak), "margin_bytes": f.margin, "host_ram_bytes": f.host_ram}
+            for n, f in fixes or []
+        ],
         "min_gpus": gpus_needed,
         "min_gpus_with_checkpointing": gpus_needed_ckpt,
         "time": time,
@@ -614,6 +707,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from configuration.cli import run_main
+    from hybrid_mamba.common.cli import run_main
 
     run_main(main)

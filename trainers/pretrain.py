@@ -1,8 +1,8 @@
 """Pretraining entry point.
 
-    accelerate launch -m trainers.pretrain --config trainers/configs/tiny.yaml [--field value ...]
-    accelerate launch --config_file trainers/accelerate/fsdp.yaml -m trainers.pretrain --config trainers/configs/1.3b.yaml
-    python -m trainers.pretrain --config trainers/configs/tiny.yaml   # one process, no launcher
+    accelerate launch -m hybrid_mamba.trainers.pretrain --config trainers/configs/tiny.yaml [--field value ...]
+    accelerate launch --config_file trainers/accelerate/fsdp.yaml -m hybrid_mamba.trainers.pretrain --config trainers/configs/1.3b.yaml
+    python -m hybrid_mamba.trainers.pretrain --config trainers/configs/tiny.yaml   # one process, no launcher
 
 From the repository root or with the package installed (`make install`: editable).
 
@@ -17,15 +17,15 @@ from pathlib import Path
 
 import torch
 
-import modeling  # noqa: F401  (registers hybrid_mamba with the Auto classes)
-from configuration import get_preset
-from modeling import HybridMambaForCausalLM
-from common.args import parse_args
-from trainers.args import PretrainArgs
-from trainers.data import collate_packed, load_packed, unigram_baseline
-from trainers.loop import make_accelerator, train
+import hybrid_mamba.modeling  # noqa: F401  (registers hybrid_mamba with the Auto classes)
+from hybrid_mamba.common.args import parse_args
+from hybrid_mamba.configuration import get_preset
+from hybrid_mamba.modeling import HybridMambaForCausalLM
+from hybrid_mamba.trainers.args import PretrainArgs
+from hybrid_mamba.trainers.data import collate_packed, load_packed, unigram_baseline
+from hybrid_mamba.trainers.loop import make_accelerator, train
 
-logger = logging.getLogger("trainers.pretrain")
+logger = logging.getLogger("hybrid_mamba.trainers.pretrain")
 
 
 def build_model(args: PretrainArgs, tokenizer, seq_len: int) -> HybridMambaForCausalLM:
@@ -54,7 +54,9 @@ def main(argv=None) -> dict:
     model = build_model(args, tokenizer, seq_len)
     if accelerator.is_main_process:
         n = sum(p.numel() for p in model.parameters())
-        logger.info("model: %s preset, %.2fM parameters, layers %s", args.model_preset, n / 1e6, model.config.layer_types)
+        logger.info(
+            "model: %s preset, %.2fM parameters, layers %s", args.model_preset, n / 1e6, model.config.layer_types
+        )
     out = Path(args.output_dir)
 
     def baseline_and_sample(summary: dict) -> dict:
@@ -65,19 +67,28 @@ def main(argv=None) -> dict:
         final = HybridMambaForCausalLM.from_pretrained(out / "final").eval()
         prompt = tokenizer(args.sample_prompt, return_tensors="pt")
         torch.manual_seed(args.seed)
-        generated = final.generate(**prompt, max_new_tokens=args.sample_tokens, do_sample=True, top_k=40, temperature=0.8)
-        return {"unigram_baseline_val_loss": baseline, "sample": tokenizer.decode(generated[0], skip_special_tokens=True)}
+        generated = final.generate(
+            **prompt, max_new_tokens=args.sample_tokens, do_sample=True, top_k=40, temperature=0.8
+        )
+        return {
+            "unigram_baseline_val_loss": baseline,
+            "sample": tokenizer.decode(generated[0], skip_special_tokens=True),
+        }
 
-    summary = train(args, accelerator, model, train_ds, val_ds, collate_packed, tokenizer, summary_extras=baseline_and_sample)
+    summary = train(
+        args, accelerator, model, train_ds, val_ds, collate_packed, tokenizer, summary_extras=baseline_and_sample
+    )
     if accelerator.is_main_process:
-        print(f"validation loss {summary['final_val_loss']:.3f} (best {summary['best_val_loss']:.3f} at step "
-              f"{summary['best_step']}); unigram baseline {summary['unigram_baseline_val_loss']:.3f} nats/token")
+        print(
+            f"validation loss {summary['final_val_loss']:.3f} (best {summary['best_val_loss']:.3f} at step "
+            f"{summary['best_step']}); unigram baseline {summary['unigram_baseline_val_loss']:.3f} nats/token"
+        )
         print(f"{summary['tokens_seen']:,} tokens in {summary['wall_time_s']:.0f} s; model in {out / 'final'}")
         print(f"sample: {summary['sample']!r}")
     return summary
 
 
 if __name__ == "__main__":
-    from configuration.cli import run_main
+    from hybrid_mamba.common.cli import run_main
 
     run_main(main)

@@ -28,7 +28,7 @@ DEFAULT_SKIP_MODULES = ["lm_head", "score", "x_proj", "dt_proj"]
 
 def _bnb():
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes
     except ImportError as err:
         raise ImportError(
             "QLoRA needs bitsandbytes: `pip install -e '.[cuda]'` (GPU machines) or `pip install bitsandbytes>=0.45` "
@@ -52,8 +52,15 @@ def bnb_4bit_config(compute_dtype: torch.dtype, skip_modules: list[str] | None =
     )
 
 
-def load_4bit(model_cls, path: str, compute_dtype: torch.dtype, skip_modules=None, device_map=None,
-              gradient_checkpointing: bool = False, **kwargs):
+def load_4bit(
+    model_cls,
+    path: str,
+    compute_dtype: torch.dtype,
+    skip_modules=None,
+    device_map=None,
+    gradient_checkpointing: bool = False,
+    **kwargs,
+):
     """`model_cls.from_pretrained(path)` with an NF4 base, prepared for k-bit training and guarded."""
     from peft import prepare_model_for_kbit_training
 
@@ -61,7 +68,8 @@ def load_4bit(model_cls, path: str, compute_dtype: torch.dtype, skip_modules=Non
         path, quantization_config=bnb_4bit_config(compute_dtype, skip_modules), device_map=device_map, **kwargs
     )
     model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=gradient_checkpointing,
+        model,
+        use_gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
     )
     n = guard_cpu_repack(model)
@@ -89,7 +97,9 @@ def guard_cpu_repack(model) -> int:
 
 def check_not_repacked(model) -> None:
     """Raise if any 4-bit weight is in the CPU inference layout (gradients through it are lost)."""
-    packed = [n for n, m in linear_4bit_modules(model) if getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+    packed = [
+        n for n, m in linear_4bit_modules(model) if getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+    ]
     if packed:
         raise RuntimeError(
             f"{len(packed)} 4-bit layer(s) (first: {packed[0]}) were repacked by bitsandbytes for CPU inference during an "

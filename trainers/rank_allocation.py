@@ -13,10 +13,10 @@ gains). The budget is what uniform LoRA of rank r spends on the same modules, so
 same number of parameters (or fewer for the allocated arm, by less than one rank unit). The result
 is peft's `rank_pattern`, with `alpha_pattern` keeping lora_alpha / r the same for every module.
 
-    python -m trainers.rank_allocation --config trainers/configs/finetune_classification.yaml \
+    python -m hybrid_mamba.trainers.rank_allocation --config trainers/configs/finetune_classification.yaml \
         --seeds 0 1 2 3 4 --out results/rank_allocation --max_steps 100 --eval_every 100
 
-compares both arms across seeds (one fine-tuning run per arm and seed, `python -m trainers.finetune`;
+compares both arms across seeds (one fine-tuning run per arm and seed, `python -m hybrid_mamba.trainers.finetune`;
 flags it does not know go to every run) and writes OUT/rank_allocation.{json,md} with mean, std,
 95% interval per arm, and of the paired per-seed differences with their signs and a Wilcoxon
 signed-rank p-value; the runs go under OUT/runs/.
@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from common.args import parse_known_args
-from common.machine import machine
-from common.stats import format_summary, paired, summarize
+from hybrid_mamba.common.args import parse_known_args
+from hybrid_mamba.common.machine import machine
+from hybrid_mamba.common.stats import format_summary, paired, summarize
 
 from .peft_targets import lora_parameter_count, target_module_names
 from .sweep import check_config, float_metrics, run_seed
@@ -86,7 +86,9 @@ def measure_importance(model, batches, targets: list[str]) -> dict[str, torch.Te
         model.train(was_training)
     missing = [n for n in names if n not in grads]
     if missing:
-        raise RuntimeError(f"No gradient reached {missing[:3]} (and {max(0, len(missing) - 3)} more) while measuring importance.")
+        raise RuntimeError(
+            f"No gradient reached {missing[:3]} (and {max(0, len(missing) - 3)} more) while measuring importance."
+        )
     return {n: torch.linalg.svdvals(grads[n]) for n in names}
 
 
@@ -98,7 +100,7 @@ def allocate_ranks(model, spectra: dict[str, torch.Tensor], budget: int, r_min: 
     spent = sum(r_min * c for n, c in cost.items())
     if spent > budget:
         raise ValueError(f"r_min={r_min} on every module already spends {spent} parameters, over the budget {budget}.")
-    heap = [(-float(s[r_min]) ** 2 / cost[n], n) for n, s in spectra.items() if r_min < min(r_max, len(s))]
+    heap = [(-(float(s[r_min]) ** 2) / cost[n], n) for n, s in spectra.items() if r_min < min(r_max, len(s))]
     heapq.heapify(heap)
     while heap:
         _, n = heapq.heappop(heap)
@@ -108,7 +110,7 @@ def allocate_ranks(model, spectra: dict[str, torch.Tensor], budget: int, r_min: 
         spent += cost[n]
         k = ranks[n]
         if k < min(r_max, len(spectra[n])):
-            heapq.heappush(heap, (-float(spectra[n][k]) ** 2 / cost[n], n))
+            heapq.heappush(heap, (-(float(spectra[n][k]) ** 2) / cost[n], n))
     return ranks
 
 
@@ -133,7 +135,9 @@ class RankAllocationArgs:
 
     config: str = field(metadata={"help": "A finetune YAML (classification or chat)."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "Seeds; each runs both arms."})
-    out: str = field(default="results/rank_allocation", metadata={"help": "Folder for rank_allocation.{json,md} and runs/."})
+    out: str = field(
+        default="results/rank_allocation", metadata={"help": "Folder for rank_allocation.{json,md} and runs/."}
+    )
 
 
 def main(argv=None) -> dict:
@@ -145,7 +149,9 @@ def main(argv=None) -> dict:
     runs = {arm: {} for arm in ("uniform", "importance")}
     for seed in args.seeds:
         for arm in runs:
-            summary = run_seed(args.config, seed, out / "runs" / f"{arm}_seed{seed}", ["--rank_allocation", arm, *extra])
+            summary = run_seed(
+                args.config, seed, out / "runs" / f"{arm}_seed{seed}", ["--rank_allocation", arm, *extra]
+            )
             runs[arm][seed] = {
                 "final_eval": summary["final_eval"],
                 "trainable_parameters": summary["finetune"]["trainable_parameters"],
@@ -154,7 +160,8 @@ def main(argv=None) -> dict:
             }
     metric_names = float_metrics(runs["uniform"][args.seeds[0]]["final_eval"])
     result = {
-        "command": "python -m trainers.rank_allocation " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m hybrid_mamba.trainers.rank_allocation "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": args.config,
         "seeds": args.seeds,
         "machine": machine(threads=torch.get_num_threads()),
@@ -190,13 +197,15 @@ def markdown(result: dict) -> str:
     for m in metrics:
         d = result["difference"][m]
         p = "-" if d["wilcoxon_p"] is None else f"{d['wilcoxon_p']:.3f}"
-        lines.append(f"| {m} | {format_summary(result['arms']['uniform']['metrics'][m])} "
-                     f"| {format_summary(result['arms']['importance']['metrics'][m])} "
-                     f"| {format_summary(d)} | {d['above']} / {d['below']} / {d['zero']} | {p} |")
+        lines.append(
+            f"| {m} | {format_summary(result['arms']['uniform']['metrics'][m])} "
+            f"| {format_summary(result['arms']['importance']['metrics'][m])} "
+            f"| {format_summary(d)} | {d['above']} / {d['below']} / {d['zero']} | {p} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-    from configuration.cli import run_main
+    from hybrid_mamba.common.cli import run_main
 
     run_main(main)

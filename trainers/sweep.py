@@ -1,8 +1,8 @@
 """One fine-tuning config over several seeds: mean ± std and a 95% confidence interval per metric.
 
-    python -m trainers.sweep --config trainers/configs/finetune_classification.yaml --seeds 0 1 2 [--field value ...]
+    python -m hybrid_mamba.trainers.sweep --config trainers/configs/finetune_classification.yaml --seeds 0 1 2 [--field value ...]
 
-Runs `python -m trainers.finetune` once per seed (a fresh process each, output in OUT/seed_<n>/), then writes
+Runs `python -m hybrid_mamba.trainers.finetune` once per seed (a fresh process each, output in OUT/seed_<n>/), then writes
 OUT/sweep.json and OUT/sweep.md with every final validation metric summarised over the seeds
 (Student's t interval, common/stats.py). OUT defaults to the config's output_dir.
 """
@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from common.args import parse_args, parse_known_args
-from common.machine import machine
-from common.stats import format_summary, summarize
+from hybrid_mamba.common.args import parse_args, parse_known_args
+from hybrid_mamba.common.machine import machine
+from hybrid_mamba.common.stats import format_summary, summarize
 
 from .args import FinetuneArgs
 
@@ -36,7 +36,9 @@ class SweepArgs:
 
     config: str = field(metadata={"help": "A finetune YAML (trainers/configs/finetune_*.yaml)."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds, one run each."})
-    out: str | None = field(default=None, metadata={"help": "Folder for the runs and sweep.json (default: the config's output_dir)."})
+    out: str | None = field(
+        default=None, metadata={"help": "Folder for the runs and sweep.json (default: the config's output_dir)."}
+    )
 
 
 def check_config(config: str, extra: list[str] = ()) -> None:
@@ -47,11 +49,23 @@ def check_config(config: str, extra: list[str] = ()) -> None:
 
 
 def run_seed(config: str, seed: int, run_dir: Path, extra: list[str]) -> dict:
-    """`python -m trainers.finetune` with `--seed seed --output_dir run_dir`, from scratch; returns its summary.
+    """`python -m hybrid_mamba.trainers.finetune` with `--seed seed --output_dir run_dir`, from scratch; returns its summary.
     The child imports trainers the way this process did (from the working directory, PYTHONPATH or the
     installed package), as it inherits both."""
-    cmd = [sys.executable, "-m", "trainers.finetune", "--config", config, "--seed", str(seed),
-           "--output_dir", str(run_dir), "--resume", "false", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hybrid_mamba.trainers.finetune",
+        "--config",
+        config,
+        "--seed",
+        str(seed),
+        "--output_dir",
+        str(run_dir),
+        "--resume",
+        "false",
+        *extra,
+    ]
     logger.info("%s", " ".join(cmd))
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -74,7 +88,7 @@ def main(argv=None) -> dict:
     summaries = {seed: run_seed(args.config, seed, out / f"seed_{seed}", extra) for seed in args.seeds}
     names = float_metrics(summaries[args.seeds[0]]["final_eval"])
     result = {
-        "command": "python -m trainers.sweep " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m hybrid_mamba.trainers.sweep " + " ".join(sys.argv[1:] if argv is None else argv),
         "seeds": args.seeds,
         "machine": machine(threads=torch.get_num_threads()),
         "metrics": {m: summarize([s["final_eval"][m] for s in summaries.values()]) for m in names},
@@ -89,6 +103,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from configuration.cli import run_main
+    from hybrid_mamba.common.cli import run_main
 
     run_main(main)

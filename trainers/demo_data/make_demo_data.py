@@ -1,6 +1,6 @@
 """Writes the demo data in this folder (deterministic; rerun to regenerate, the files are committed).
 
-    python -m trainers.demo_data.make_demo_data
+    python -m hybrid_mamba.trainers.demo_data.make_demo_data
 
 - chat_{train,validation}.jsonl: short instruction conversations (arithmetic, word reversal, case
   changes, counting, list sorting), some with a system message or two turns; instruction tuning.
@@ -14,12 +14,14 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.args import parse_args
+from hybrid_mamba.common.args import parse_args
 
 HERE = Path(__file__).parent
 POSITIVE = "good great fine lovely brilliant superb charming clever delightful moving".split()
 NEGATIVE = "bad awful dull boring weak clumsy tedious bland messy poor".split()
-SUBJECTS = "the film|the plot|the acting|the music|the ending|the script|the cast|the story|the pacing|the dialogue".split("|")
+SUBJECTS = (
+    "the film|the plot|the acting|the music|the ending|the script|the cast|the story|the pacing|the dialogue".split("|")
+)
 VERBS = "was|is|felt|seemed|looked".split("|")
 INTENSIFIERS = ["", "", "very ", "really ", "quite ", "rather "]
 WORDS = "apple river stone cloud tiger lamp paper garden window silver orange candle".split()
@@ -92,6 +94,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from configuration.cli import run_main
+    from hybrid_mamba.common.cli import run_main
 
     run_main(main)

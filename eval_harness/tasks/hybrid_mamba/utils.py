@@ -11,7 +11,7 @@ DATA = Path(__file__).resolve().parent / "data"
 def _load(name: str) -> datasets.DatasetDict:
     path = DATA / f"{name}.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: rebuild it with `python -m eval_harness.build_tasks`")
+        raise FileNotFoundError(f"{path} not found: rebuild it with `python -m hybrid_mamba.eval_harness.build_tasks`")
     return datasets.DatasetDict({"test": datasets.Dataset.from_json(str(path))})
 
 

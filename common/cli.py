@@ -1,7 +1,7 @@
 """How every command-line entry point fails: one line, `error: <message>`, on stderr and exit status 2.
 
     if __name__ == "__main__":
-        from configuration.cli import run_main
+        from hybrid_mamba.common.cli import run_main
 
         run_main(main)  # main(argv) -> int | None | anything (anything but an int exits 0)
 
@@ -36,6 +36,7 @@ DEBUG_FLAG = "--debug"
 DEBUG_ENV = "HYBRID_MAMBA_DEBUG"
 EXIT_ERROR = 2
 ROOT = Path(__file__).resolve().parents[1]
+NAMESPACE = "hybrid_mamba"  # the name the folders below install under (setup.py)
 PACKAGES = ("common", "configuration", "modeling", "trainers", "data_scripts", "eval_harness", "hub_cards")
 # (module, class): looked up only when the module is already imported; an error of a module never
 # imported cannot have been raised.
@@ -61,7 +62,8 @@ def _project_errors() -> list[type]:
     """Exception classes defined in this repository's imported modules (and in a __main__ that is one of them)."""
     found = []
     for name, module in list(sys.modules.items()):
-        if name.split(".")[0] not in PACKAGES and not (name == "__main__" and _in_repo(getattr(module, "__file__", None))):
+        top = name.split(".")[1 if name.startswith(NAMESPACE + ".") else 0]
+        if top not in PACKAGES and not (name == "__main__" and _in_repo(getattr(module, "__file__", None))):
             continue
         for obj in list(vars(module).values()):
             if isinstance(obj, type) and issubclass(obj, Exception) and obj.__module__ == name:
