@@ -16,11 +16,16 @@ DEMO_REPO ?= runs/tiny-repo
 # lm-eval results and the speed benchmark go into the demo card when present
 DEMO_EVAL ?= results/demo_eval
 DEMO_BENCH ?= docs/results/bench_speed.json
+# `make gguf-install`: the llama-cpp-python release, where its sdist is unpacked (hub_cards.gguf looks there
+# for the converter), and the llama.cpp build options (the multimodal library is not needed)
+LLAMA_CPP_PYTHON ?= 0.3.36
+LLAMA_CPP_SRC ?= $(VENV)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON)
+LLAMA_CPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 # Throwaway environments of `make lock` and `make test-compat`
 LOCK_VENV ?= $(or $(TMPDIR),/tmp)/hybrid-mamba-lock-venv
 COMPAT_DIR ?= $(or $(TMPDIR),/tmp)/hybrid-mamba-compat
 
-.PHONY: install check format test test-fast demo bench lock test-compat clean-venv
+.PHONY: install check format test test-fast demo bench gguf-install lock test-compat clean-venv
 
 $(VENV)/.installed: setup.py pyproject.toml $(TORCH_CONSTRAINT) $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,11 +68,25 @@ demo: $(VENV)/.installed
 		--train-config trainers/configs/tiny.yaml --message "make demo: $(DEMO_RUN)/final" \
 		$$(test -e "$(DEMO_EVAL)" && echo --eval $(DEMO_EVAL)) $$(test -e "$(DEMO_BENCH)" && echo --bench $(DEMO_BENCH))
 	$(PY) -m hybrid_mamba.hub_cards.reload --repo $(DEMO_REPO) --clone $(DEMO_REPO)-clone
-	@echo "data: $(DEMO_DATA)  run: $(DEMO_RUN)  published repo: $(DEMO_REPO) (card: $(DEMO_REPO)/README.md)  clone: $(DEMO_REPO)-clone"
+	# the native route: the Bamba export (no remote code) answering one completion through `transformers serve`
+	$(PY) -m hybrid_mamba.modeling.convert --to bamba --src $(DEMO_RUN)/final --out $(DEMO_RUN)/bamba
+	HF_HUB_OFFLINE=1 $(PY) -m hybrid_mamba.hub_cards.serve --model $(DEMO_RUN)/bamba --tokens 40
+	@echo "data: $(DEMO_DATA)  run: $(DEMO_RUN)  published repo: $(DEMO_REPO) (card: $(DEMO_REPO)/README.md)  clone: $(DEMO_REPO)-clone  Bamba export: $(DEMO_RUN)/bamba"
 
 # The CPU speed benchmark of the model against Bamba and two Llamas (about 5 minutes).
 bench: $(VENV)/.installed
 	$(PY) -m hybrid_mamba.eval_harness.bench_speed --out results/bench_speed
+
+# llama.cpp for GGUF export and benchmarks (`python -m hybrid_mamba.hub_cards.gguf`, `eval_harness.bench_gguf`);
+# not part of `make install`. Builds llama-cpp-python from its sdist (needs a C++ compiler and cmake; 18 minutes
+# on 2 cores shared with a training run) and installs the gguf package of the same llama.cpp. The unpacked sdist stays
+# in $(LLAMA_CPP_SRC): its vendor/llama.cpp/convert_hf_to_gguf.py is the converter hub_cards.gguf runs.
+gguf-install: $(VENV)/.installed
+	test -d $(LLAMA_CPP_SRC) || { mkdir -p $(VENV)/src \
+		&& $(PY) -m pip download --no-deps --no-binary :all: -d $(VENV)/src llama-cpp-python==$(LLAMA_CPP_PYTHON) \
+		&& tar -xzf $(LLAMA_CPP_SRC).tar.gz -C $(VENV)/src; }
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PY) -m pip install $(PIP_C) $(LLAMA_CPP_SRC)
+	$(PY) -m pip install $(PIP_C) $(LLAMA_CPP_SRC)/vendor/llama.cpp/gguf-py
 
 # Regenerate requirements/lock.txt: the newest releases setup.py allows, in a throwaway venv; the lock is
 # written only after the whole test suite passed there.

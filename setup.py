@@ -52,8 +52,18 @@ extras_require = {
     # CUDA kernels: used when importable on a CUDA device, the pure-torch path is the fallback.
     # bitsandbytes: QLoRA (trainers/finetune.py adapter: qlora); on CPU `pip install bitsandbytes` alone.
     "cuda": ["mamba-ssm>=2.2", "causal-conv1d>=1.4", "flash-attn>=2.6", "bitsandbytes>=0.45"],
-    # bitsandbytes runs 4-bit/8-bit on CPU too: in dev so the QLoRA guard tests run everywhere.
-    "dev": ["pytest>=8", "matplotlib>=3.8", "bitsandbytes>=0.45", "ruff>=0.15"],
+    # `transformers serve` (an OpenAI-compatible server) and the client that tests and benchmarks it
+    "serving": ["transformers[serving]>=5.21,<6", "openai>=1.98"],
+    # bitsandbytes runs 4-bit/8-bit on CPU too: in dev so the QLoRA guard tests run everywhere; serving so
+    # tests/test_serve.py does.
+    "dev": [
+        "pytest>=8",
+        "matplotlib>=3.8",
+        "bitsandbytes>=0.45",
+        "ruff>=0.15",
+        "transformers[serving]>=5.21,<6",
+        "openai>=1.98",
+    ],
 }
 
 setup(

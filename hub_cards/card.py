@@ -42,6 +42,8 @@ class CardInputs:
     bench: dict | None = None
     bench_source: str | None = None
     transformers_range: tuple[str, str] | None = None  # (floor, newest tested) of the shipped remote code
+    # config.json of a transformers-native export (publish --format bamba): the repo holds that class, no remote code
+    native_config: dict | None = None
     tags: list = field(default_factory=list)
 
 
@@ -361,7 +363,49 @@ def _speed(inp: CardInputs) -> str:
     return "\n".join(lines + [""])
 
 
+def _native_class(inp: CardInputs) -> str | None:
+    return (inp.native_config.get("architectures") or [None])[0] if inp.native_config else None
+
+
+def _how_to_load_native(inp: CardInputs) -> str:
+    cls, version = _native_class(inp), inp.native_config.get("transformers_version")
+    return "\n".join(
+        [
+            "## How to load",
+            "",
+            f"This repository holds transformers' own `{cls}` (`model_type: {inp.native_config.get('model_type')}`), "
+            "exported weight for weight from the hybrid_mamba model described above (layout and sizes from its "
+            f"config.json) by `python -m hybrid_mamba.modeling.convert --to {inp.native_config.get('model_type')}`, "
+            "whose tests check that the export has the same logits. No remote code: load it without "
+            "`trust_remote_code`.",
+            "",
+            *(
+                [
+                    f"Written with transformers {version}. The export rotates whole heads, which {cls} reads from "
+                    "`rope_parameters['partial_rotary_factor']` (1.0 here; Bamba's own default is 0.5) as transformers "
+                    f"{version} does: on another release, compare its logits with the hybrid_mamba model first.",
+                    "",
+                ]
+                if version
+                else []
+            ),
+            "```python",
+            f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{inp.repo_id}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{inp.repo_id}")\n'
+            f'ids = tokenizer("To be, or not to be", return_tensors="pt")\n'
+            f"print(tokenizer.decode(model.generate(**ids, max_new_tokens=40)[0]))\n"
+            "```",
+            "",
+            f"With lm-evaluation-harness: `lm_eval --model hf --model_args pretrained={inp.repo_id} --tasks ...`",
+            "",
+        ]
+    )
+
+
 def _how_to_load(inp: CardInputs) -> str:
+    if inp.native_config:
+        return _how_to_load_native(inp)
     if inp.adapter_config:
         base = inp.adapter_config.get("base_model_name_or_path")
         code = (
@@ -445,7 +489,8 @@ def build_card(inp: CardInputs, assets: Path) -> ModelCard:
     data = ModelCardData(
         license=inp.license,
         library_name="peft" if inp.adapter_config else "transformers",
-        tags=["hybrid-mamba", "mamba", "mamba2", "hybrid", "custom_code"]
+        tags=["hybrid-mamba", "mamba", "mamba2", "hybrid"]
+        + ([inp.native_config["model_type"]] if inp.native_config else ["custom_code"])
         + inp.tags
         + (["lora", "peft"] if inp.adapter_config else []),
         datasets=datasets or None,
@@ -454,17 +499,21 @@ def build_card(inp: CardInputs, assets: Path) -> ModelCard:
         model_name=inp.model_name,
         eval_results=eval_results or None,
     )
-    kind = (
-        "a PEFT adapter for a hybrid Mamba/attention causal language model"
-        if inp.adapter_config
-        else "a hybrid Mamba/attention causal language model"
-    )
+    if inp.native_config:
+        kind = (
+            f"a `{_native_class(inp)}` exported from a hybrid_mamba model (a hybrid Mamba/attention causal "
+            "language model); it loads with transformers alone, no `trust_remote_code`"
+        )
+    elif inp.adapter_config:
+        kind = "a PEFT adapter for a hybrid Mamba/attention causal language model"
+    else:
+        kind = "a hybrid Mamba/attention causal language model"
     return ModelCard.from_template(
         data,
         template_path=str(TEMPLATE),
         model_name=inp.model_name,
         kind=kind,
-        model_type=inp.config.get("model_type"),
+        model_type=(inp.native_config or inp.config).get("model_type"),
         architecture=_architecture(inp, assets),
         training_data=_training_data(inp),
         training_procedure=_training_procedure(inp, assets),

@@ -3,6 +3,10 @@
     python -m hybrid_mamba.hub_cards.publish --model RUN/final --to runs/tiny-repo [--eval RESULTS] [--bench bench.json]
         [--data DATA_DIR] [--run RUN] [--train-config CONFIG] [--message MSG] [--tag TAG] [--shard-size 2GB]
     python -m hybrid_mamba.hub_cards.publish --model RUN/final --to hf://owner/name ...   (needs HF_TOKEN and the network)
+    python -m hybrid_mamba.hub_cards.publish --model RUN/final --to ... --format bamba
+
+With `--format bamba` the repo holds transformers' own BambaForCausalLM, exported weight for weight by
+`hybrid_mamba.modeling.convert.export` (same logits; no remote code, no trust_remote_code), with the same card.
 
 Everything is first written into a staging folder (exactly what the repo will hold: config.json with
 auto_map, the remote code, weights in safetensors, sharded past --shard-size with an index,
@@ -20,6 +24,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from hybrid_mamba.common import lm_eval_results
 from hybrid_mamba.common.args import parse_args
@@ -121,6 +126,13 @@ class PublishArgs:
     stage: str | None = field(
         default=None, metadata={"help": "Keep the staging folder here (must not exist); default: a temporary folder."}
     )
+    format: Literal["hybrid_mamba", "bamba"] = field(
+        default="hybrid_mamba",
+        metadata={
+            "help": "hybrid_mamba: the model with its remote code (trust_remote_code=True); bamba: exported as "
+            "transformers' BambaForCausalLM, which loads without remote code (a model Bamba can express)."
+        },
+    )
 
     def __post_init__(self):
         if not re.fullmatch(r"\d+(\.\d+)?\s*[KMG]i?B", self.shard_size, flags=re.I):
@@ -168,6 +180,8 @@ def check_args(args: PublishArgs) -> dict:
     for flag, value in (("--eval", args.eval), ("--bench", args.bench), ("--train-config", args.train_config)):
         if value and not Path(value).exists():
             raise FileNotFoundError(f"{flag} {value} does not exist")
+    if args.format == "bamba":
+        check_bamba_exportable(model, adapter)
     if args.stage and Path(args.stage).exists():
         raise FileExistsError(f"--stage {args.stage} already exists")
     if not is_hub_target(args.to) and not is_remote_git(args.to):  # a Hub target's name: PublishArgs.__post_init__
@@ -179,6 +193,19 @@ def check_args(args: PublishArgs) -> dict:
     inputs += [p for p in (run / "summary.json", run / "finetune_config.json") if p.is_file()] if run else []
     check_no_credentials(inputs)
     return {"model": model, "adapter": adapter, "run": run, "data": data}
+
+
+def check_bamba_exportable(model: Path, adapter: bool) -> None:
+    """--format bamba: a full hybrid_mamba model whose config Bamba expresses (ExportError names the field)."""
+    if adapter:
+        raise PublishError(f"--format bamba exports a full model; {model} is a PEFT adapter (merge it first)")
+    model_type = json.loads((model / "config.json").read_text()).get("model_type")
+    if model_type != "hybrid_mamba":
+        raise PublishError(f"--format bamba exports a hybrid_mamba model; {model} holds model_type {model_type!r}")
+    from hybrid_mamba.configuration import HybridMambaConfig
+    from hybrid_mamba.modeling.convert import check_exportable
+
+    check_exportable(HybridMambaConfig.from_pretrained(model), "bamba")
 
 
 def check_hub_reachable(repo_id: str):
@@ -216,7 +243,8 @@ def _card_inputs(args: PublishArgs, paths: dict, stage: Path, repo_name: str) ->
         base = Path(str(adapter_config.get("base_model_name_or_path")))
         config_dir = base if (base / "config.json").is_file() else None
     else:
-        config_dir = stage
+        # an exported repo's card describes the model it was exported from (layout, parameter counts)
+        config_dir = model if args.format == "bamba" else stage
     config = json.loads((config_dir / "config.json").read_text()) if config_dir else {}
     param_counts = None
     if config.get("model_type") == "hybrid_mamba":
@@ -245,7 +273,10 @@ def _card_inputs(args: PublishArgs, paths: dict, stage: Path, repo_name: str) ->
         param_counts=param_counts,
         run_config=read_run_config(config_file) if config_file else None,
         run_config_source=str(config_file) if config_file else None,
-        transformers_range=read_transformers_range(config_dir / "modeling_hybrid_mamba.py") if config_dir else None,
+        transformers_range=read_transformers_range(config_dir / "modeling_hybrid_mamba.py")
+        if config_dir and args.format != "bamba"
+        else None,
+        native_config=json.loads((stage / "config.json").read_text()) if args.format == "bamba" else None,
     )
     if paths["data"]:
         inp.data_report = json.loads((paths["data"] / "report.json").read_text())
@@ -269,6 +300,13 @@ def stage_repo(args: PublishArgs, paths: dict, stage: Path, repo_name: str) -> N
     if paths["adapter"]:
         for name in ADAPTER_FILES:
             shutil.copy2(model_dir / name, stage / name)
+    elif args.format == "bamba":
+        from hybrid_mamba.modeling.convert import export
+
+        export(model_dir, "bamba").save_pretrained(stage, max_shard_size=args.shard_size)
+        for name in ("config.json", "generation_config.json"):
+            if not (stage / name).is_file():
+                raise PublishError(f"save_pretrained of the Bamba export of {model_dir} wrote no {name}")
     else:
         # the folder's own remote code is loaded and written again, so the repo carries the code it was trained with
         model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype="auto")

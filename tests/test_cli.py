@@ -41,6 +41,14 @@ CASES = [
     ("modeling.convert", ["--src", "{tmp}/missing", "--out", "{tmp}/out"], "has no config.json"),
     ("hub_cards.publish", ["--model", "{tmp}/missing", "--to", "{tmp}/repo"], "neither config.json"),
     ("hub_cards.reload", ["--repo", "{tmp}/missing", "--clone", "{tmp}/clone"], "git clone"),
+    ("hub_cards.serve", ["--model", "{tmp}/missing"], "no config.json there"),
+    ("eval_harness.bench_serve", ["--model", "{tmp}/missing", "--out", "{tmp}/out"], "no config.json there"),
+    ("hub_cards.gguf", ["--model", "{tmp}/missing", "--out", "{tmp}/out"], "does not exist"),
+    (
+        "eval_harness.bench_gguf",
+        ["--model", "{tmp}/missing", "--gguf", "{tmp}/missing", "--out", "{tmp}/out"],
+        "does not exist",
+    ),
 ]
 # Entry points without an input to get wrong (a stray flag is argparse's usage error).
 NO_INPUT = {"trainers.demo_data.make_demo_data"}

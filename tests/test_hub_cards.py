@@ -496,3 +496,108 @@ def test_reload_generates_from_a_clone_in_a_process_without_this_repo(run_dir, t
     assert module.startswith("transformers_modules.") and sample.startswith("the of")
     assert 0 < n_new <= 5 and len(sample) > len("the of")
     assert (tmp_path / "clone" / "README.md").is_file()
+
+
+@pytest.fixture(scope="module")
+def bamba_run_dir(run_dir, tmp_path_factory):
+    """run_dir with a final/ model Bamba can express (Mamba-2 and attention layers only)."""
+    root = tmp_path_factory.mktemp("bamba_run") / "run"
+    shutil.copytree(run_dir, root)
+    shutil.rmtree(root / "final")
+    tok = AutoTokenizer.from_pretrained(run_dir / "final")
+    torch.manual_seed(0)
+    config = tiny_config(
+        ["mamba2", "attention", "mamba2"],
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    HybridMambaForCausalLM(config).eval().save_pretrained(root / "final")
+    tok.save_pretrained(root / "final")
+    return root
+
+
+NATIVE_LOAD_CHILD = LOAD_CHILD.replace(", trust_remote_code=True", "")
+
+
+def test_format_bamba_publishes_a_native_bamba_repo_with_the_same_card(bamba_run_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, BambaForCausalLM
+
+    target = tmp_path / "tiny-bamba"
+    result = pub.publish(_args(bamba_run_dir, target, format="bamba"))
+    files = set(result["files"])
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "README.md",
+        ".gitattributes",
+        "assets/layers.png",
+    } <= files
+    assert not [f for f in files if f.endswith(".py")]  # no remote code
+    config = json.loads((target / "config.json").read_text())
+    assert config["model_type"] == "bamba" and config["architectures"] == ["BambaForCausalLM"]
+    assert "auto_map" not in config
+    assert _git("tag", "--list", cwd=target) == "v1" and _git("status", "--porcelain", cwd=target) == ""
+
+    card = ModelCard.load(target / "README.md")
+    assert "custom_code" not in card.data.tags and "bamba" in card.data.tags
+    text = card.text
+    assert "`BambaForCausalLM` exported from a hybrid_mamba model" in text and "`model_type: bamba`" in text
+    assert "trust_remote_code=True" not in text and "no `trust_remote_code`" in text
+    for expected in ("CC-BY-2.5", "2,560", "learning_rate", "prefill 512 tokens", "## Limitations", "## Architecture"):
+        assert expected in text, expected  # the sections of the remote-code card
+    from hybrid_mamba.configuration import HybridMambaConfig
+    from hybrid_mamba.configuration.param_counts import count_parameters
+
+    ours_config = HybridMambaConfig.from_pretrained(bamba_run_dir / "final")
+    assert f"{count_parameters(ours_config)['total']:,}" in text  # counted from the model it was exported from
+
+    # transformers alone loads it, without trust_remote_code, and computes our logits
+    ours = HybridMambaForCausalLM.from_pretrained(bamba_run_dir / "final").eval()
+    loaded = AutoModelForCausalLM.from_pretrained(target).eval()
+    assert type(loaded) is BambaForCausalLM
+    ids = torch.randint(3, ours.config.vocab_size, (2, 21))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ours(ids).logits, atol=1e-4, rtol=0)
+
+    # and so does a process in which this repository cannot be imported
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf"))
+    run = subprocess.run(
+        [sys.executable, "-c", NATIVE_LOAD_CHILD, str(target), "-", str(tmp_path / "out.pt")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(out["logits"], ours(out["ids"]).logits, atol=1e-4, rtol=0)
+    assert not (tmp_path / "modules").exists() or not any((tmp_path / "modules").rglob("*.py"))
+
+
+def test_format_bamba_refuses_what_bamba_cannot_express_before_work(run_dir, tmp_path):
+    from hybrid_mamba.modeling.convert import ExportError
+
+    # run_dir's model has a Mamba-1 layer
+    with pytest.raises(ExportError, match="layer_types"):
+        pub.publish(_args(run_dir, tmp_path / "r", format="bamba"))
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(SystemExit):  # argparse: invalid choice
+        pub.main(["--model", str(run_dir / "final"), "--to", str(tmp_path / "r"), "--format", "gguf"])
+
+
+def test_serving_refuses_a_remote_code_folder_and_names_the_export(run_dir):
+    from hybrid_mamba.common.serving import check_servable
+
+    with pytest.raises(ValueError, match=r"HybridMambaForCausalLM is not a class of transformers.*--to bamba"):
+        check_servable(str(run_dir / "final"))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        check_servable(str(run_dir / "missing"))
+    check_servable("someone/some-model")  # a Hub id is left to the server
