@@ -78,8 +78,8 @@ bench: $(VENV)/.installed
 	$(PY) -m hybrid_mamba.eval_harness.bench_speed --out results/bench_speed
 
 # llama.cpp for GGUF export and benchmarks (`python -m hybrid_mamba.hub_cards.gguf`, `eval_harness.bench_gguf`);
-# not part of `make install`. Builds llama-cpp-python from its sdist (needs a C++ compiler and cmake; 18 minutes
-# on 2 cores shared with a training run) and installs the gguf package of the same llama.cpp. The unpacked sdist stays
+# not part of `make install` (CI runs it). Builds llama-cpp-python from its sdist (needs a C++ compiler and cmake;
+# about 5 minutes on 2 quiet cores, download included, 18 shared with a training run) and installs the gguf package of the same llama.cpp. The unpacked sdist stays
 # in $(LLAMA_CPP_SRC): its vendor/llama.cpp/convert_hf_to_gguf.py is the converter hub_cards.gguf runs.
 gguf-install: $(VENV)/.installed
 	test -d $(LLAMA_CPP_SRC) || { mkdir -p $(VENV)/src \
