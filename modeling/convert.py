@@ -305,6 +305,22 @@ def to_llama_config(ours: HybridMambaConfig, **overrides) -> LlamaConfig:
     return LlamaConfig(**{**_llama_shape_kwargs(ours), **overrides})
 
 
+def _bamba_mamba_kwargs(ours: HybridMambaConfig) -> dict:
+    """Our Mamba-2 fields under the names Bamba and GraniteMoeHybrid give them."""
+    return dict(
+        mamba_n_heads=ours.mamba_n_heads,
+        mamba_d_head=ours.mamba_head_dim,
+        mamba_n_groups=ours.mamba_n_groups,
+        mamba_d_state=ours.mamba_d_state,
+        mamba_d_conv=ours.mamba_d_conv,
+        mamba_expand=ours.mamba_expand,
+        mamba_chunk_size=ours.mamba_chunk_size,
+        mamba_conv_bias=ours.mamba_conv_bias,
+        mamba_proj_bias=ours.mamba_proj_bias,
+        time_step_limit=tuple(ours.mamba_dt_limit),
+    )
+
+
 def to_bamba_config(ours: HybridMambaConfig) -> BambaConfig:
     """transformers' Bamba with ours' layer layout and sizes.
 
@@ -318,16 +334,7 @@ def to_bamba_config(ours: HybridMambaConfig) -> BambaConfig:
     return BambaConfig(
         **_llama_shape_kwargs(ours),
         attn_layer_indices=[i for i in range(n) if ours.layer_types[i] == "attention"],
-        mamba_n_heads=ours.mamba_n_heads,
-        mamba_d_head=ours.mamba_head_dim,
-        mamba_n_groups=ours.mamba_n_groups,
-        mamba_d_state=ours.mamba_d_state,
-        mamba_d_conv=ours.mamba_d_conv,
-        mamba_expand=ours.mamba_expand,
-        mamba_chunk_size=ours.mamba_chunk_size,
-        mamba_conv_bias=ours.mamba_conv_bias,
-        mamba_proj_bias=ours.mamba_proj_bias,
-        time_step_limit=ours.mamba_dt_limit,
+        **_bamba_mamba_kwargs(ours),
     )
 
 
@@ -455,16 +462,7 @@ def _export_kwargs(ours: HybridMambaConfig) -> dict:
         },
         attention_bias=ours.attention_bias,
         attention_dropout=ours.attention_dropout,
-        mamba_n_heads=ours.mamba_n_heads,
-        mamba_d_head=ours.mamba_head_dim,
-        mamba_n_groups=ours.mamba_n_groups,
-        mamba_d_state=ours.mamba_d_state,
-        mamba_d_conv=ours.mamba_d_conv,
-        mamba_expand=ours.mamba_expand,
-        mamba_chunk_size=ours.mamba_chunk_size,
-        mamba_conv_bias=ours.mamba_conv_bias,
-        mamba_proj_bias=ours.mamba_proj_bias,
-        time_step_limit=tuple(ours.mamba_dt_limit),
+        **_bamba_mamba_kwargs(ours),
     )
     if attention:
         # not a declared field of either config, but both attention modules and rotary embeddings read it

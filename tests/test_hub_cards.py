@@ -167,6 +167,20 @@ def _args(run_dir, to, **kw) -> pub.PublishArgs:
     return pub.PublishArgs(**base)
 
 
+def _load_in_child(child: str, folder: Path, out: Path, cwd: Path, env: dict) -> dict:
+    """Run a loading script `child FOLDER - OUT` in a fresh process that cannot import this repository."""
+    run = subprocess.run(
+        [sys.executable, "-c", child, str(folder), "-", str(out)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return torch.load(out)
+
+
 def _git(*args, cwd):
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
 
@@ -440,16 +454,7 @@ def test_fresh_clone_loads_without_this_repo_and_runs_lm_eval(run_dir, tmp_path)
     )
     subprocess.run(["git", "clone", "-q", str(target), "clone"], cwd=elsewhere, check=True)
     clone = elsewhere / "clone"
-    run = subprocess.run(
-        [sys.executable, "-c", LOAD_CHILD, str(clone), "-", str(tmp_path / "out.pt")],
-        cwd=elsewhere,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = torch.load(tmp_path / "out.pt")
+    out = _load_in_child(LOAD_CHILD, clone, tmp_path / "out.pt", cwd=elsewhere, env=env)
     source = HybridMambaForCausalLM.from_pretrained(run_dir / "final").eval()
     with torch.no_grad():
         assert torch.equal(out["logits"], source(out["ids"]).logits)
@@ -567,16 +572,7 @@ def test_format_bamba_publishes_a_native_bamba_repo_with_the_same_card(bamba_run
     # and so does a process in which this repository cannot be imported
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf"))
-    run = subprocess.run(
-        [sys.executable, "-c", NATIVE_LOAD_CHILD, str(target), "-", str(tmp_path / "out.pt")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = torch.load(tmp_path / "out.pt")
+    out = _load_in_child(NATIVE_LOAD_CHILD, target, tmp_path / "out.pt", cwd=tmp_path, env=env)
     with torch.no_grad():
         torch.testing.assert_close(out["logits"], ours(out["ids"]).logits, atol=1e-4, rtol=0)
     assert not (tmp_path / "modules").exists() or not any((tmp_path / "modules").rglob("*.py"))
