@@ -213,7 +213,11 @@ def segment_ids(position_ids: torch.Tensor | None, pad_mask: torch.Tensor | None
     if pad_mask is not None and pad_mask.shape[-1] > 1:
         switch = pad_mask[:, 1:] != pad_mask[:, :-1]
         starts = switch if starts is None else starts | switch
-    if starts is None or not bool(starts.any()):
+    if starts is None:
+        return None
+    # Eager: one segment in every row is the common case and keeps the unsegmented paths. Compiled: no
+    # data-dependent branch (fullgraph), the all-zero ids give the same result.
+    if not torch.compiler.is_compiling() and not bool(starts.any()):
         return None
     starts = torch.cat([torch.zeros_like(starts[:, :1]), starts], dim=1)
     return starts.long().cumsum(-1)
@@ -362,6 +366,14 @@ def _crossing_taps(seq_idx, k, t):
     return rows, cols, taps, crossing
 
 
+def _crossing_mask(seq_idx, k, t, dtype):
+    """Dense form of `_crossing_taps` for compiled graphs (no data-dependent shapes): (B, K - 1, T), 1
+    where tap j (reading padded position t + j) reads across a segment boundary. Costs K - 1 passes
+    over (B, T) where the sparse form touches only the crossing positions."""
+    seg = F.pad(seq_idx, (k - 1, 0), value=0)
+    return torch.stack([seg[:, j : j + t] != seq_idx for j in range(k - 1)], dim=1).to(dtype)
+
+
 class CausalConv1d(torch.autograd.Function):
     """`causal_conv1d_ref` (then SiLU when `silu`), as one depthwise `F.conv1d` with a hand-written backward.
 
@@ -382,7 +394,12 @@ class CausalConv1d(torch.autograd.Function):
             xp = _padded(x, prefix, k)
             out = F.conv1d(xp, weight.unsqueeze(1), bias, groups=weight.shape[0])
         cross = None
-        if seq_idx is not None:
+        if seq_idx is not None and torch.compiler.is_compiling():
+            xp = _padded(x, prefix, k) if xp is None else xp
+            cross = _crossing_mask(seq_idx, k, t, x.dtype)
+            for j in range(k - 1):
+                out = out - xp[..., j : j + t] * weight[:, j, None] * cross[:, j, None]
+        elif seq_idx is not None:
             cross = _crossing_taps(seq_idx, k, t)
             rows, cols, taps, crossing = cross
             if rows.numel():
@@ -394,6 +411,16 @@ class CausalConv1d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, prefix, seq_idx, silu):
+        with torch.autocast(x.device.type, enabled=False):  # in the parameters' dtype, autocast or not
+            return CausalConv1d._forward(ctx, x, weight, bias, prefix, seq_idx, silu)
+
+    @staticmethod
+    def backward(ctx, dout):
+        with torch.autocast(dout.device.type, enabled=False):
+            return CausalConv1d._backward(ctx, dout)
+
+    @staticmethod
+    def _forward(ctx, x, weight, bias, prefix, seq_idx, silu):
         _, out, _ = CausalConv1d._pre(x, weight, bias, prefix, seq_idx)
         ctx.save_for_backward(x, weight, bias, prefix, seq_idx)
         ctx.silu = silu
@@ -405,7 +432,7 @@ class CausalConv1d(torch.autograd.Function):
         return out.transpose(1, 2)
 
     @staticmethod
-    def backward(ctx, dout):
+    def _backward(ctx, dout):
         x, weight, bias, prefix, seq_idx = ctx.saved_tensors
         k, t = weight.shape[-1], x.shape[-1]
         x = x.contiguous()  # once, for both convs below (x is usually a tokens-major view)
@@ -419,7 +446,16 @@ class CausalConv1d(torch.autograd.Function):
         else:
             dw = F.conv1d(xp.reshape(1, b * e, t + k - 1), dout.view(b * e, 1, t), groups=b * e)
         dw = dw.view(b, e, k).sum(0)
-        if cross is not None and cross[0].numel():
+        if torch.is_tensor(cross):  # the dense form (compiled)
+            xp = _padded(x, prefix, k) if xp is None else xp
+            dw_cross, dxp_cross = [], []
+            for j in range(k - 1):
+                d_masked = dout * cross[:, j, None]
+                dw_cross.append((d_masked * xp[..., j : j + t]).sum((0, 2)))
+                dxp_cross.append(F.pad(d_masked * weight[:, j, None], (j, k - 1 - j)))
+            dw = dw - F.pad(torch.stack(dw_cross, dim=-1), (0, 1))
+            dxp = dxp - sum(dxp_cross)
+        elif cross is not None and cross[0].numel():
             rows, cols, taps, crossing = cross
             xp = _padded(x, prefix, k) if xp is None else xp
             d_at = dout.transpose(1, 2)[rows, cols]  # (n, E)
@@ -436,7 +472,12 @@ class CausalConv1d(torch.autograd.Function):
 
 
 def causal_conv1d(x, weight, bias=None, prefix=None, seq_idx=None, silu=False):
-    """`causal_conv1d_ref`'s contract (and SiLU after it when `silu`), computed by `CausalConv1d`."""
+    """`causal_conv1d_ref`'s contract (and SiLU after it when `silu`), computed by `CausalConv1d`.
+
+    It runs in the weight's dtype: under autocast the projections' bf16 outputs are convolved in fp32
+    (4 multiply-adds per element, and the scan reads x, B and C in fp32 anyway)."""
+    x = x.to(weight.dtype)
+    prefix = prefix.to(weight.dtype) if prefix is not None else None
     return CausalConv1d.apply(x, weight, bias, prefix, seq_idx, silu)
 
 
@@ -597,8 +638,11 @@ class SSDChunkScan(torch.autograd.Function):
             s = s_next
         # 4. output of the entering state: y_l += exp(cs_l) C_l . entering
         y_in = chunks.ungroup(torch.matmul(chunks.C, states)).mul_(chunks.decay_in()[..., None])  # (B, C, L, H, P)
-        out = torch.empty(b, c, L, h, p, dtype=x.dtype, device=x.device)
-        out = chunks.unpad(torch.add(y.transpose(2, 3), y_in, out=out))
+        if torch.compiler.is_compiling():  # inductor picks the layout itself (and fails on out=)
+            out = chunks.unpad((y.transpose(2, 3) + y_in).contiguous())
+        else:
+            out = torch.empty(b, c, L, h, p, dtype=x.dtype, device=x.device)
+            out = chunks.unpad(torch.add(y.transpose(2, 3), y_in, out=out))
         if D is not None:
             out.addcmul_(x, D[:, None])
         # y_in is kept for its log-decay gradient: recomputing it would cost a state-sized matmul
@@ -1277,6 +1321,9 @@ class HybridMambaPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _is_stateful = True
+    # no data-dependent Python branch under torch.compile (tests/test_compile.py): generate() compiles the
+    # decode step with a static cache
+    _can_compile_fullgraph = True
     # The SSM's decay and timestep parameters: Mamba-2's dt_bias, Mamba-1's dt_proj.bias.
     _keep_in_fp32_modules_strict = ["mamba.A_log", "mamba.D", "mamba.dt_bias", "mamba.dt_proj.bias"]
     _can_record_outputs = {"hidden_states": HybridMambaDecoderLayer, "attentions": HybridMambaAttention}
@@ -1380,10 +1427,17 @@ class HybridMambaModel(HybridMambaPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
 
-        # A 2D mask without zeros carries no information: dropping it keeps the fast unmasked paths.
-        if attention_mask is not None and attention_mask.dim() == 2 and bool(attention_mask.all()):
+        # A 2D mask without zeros carries no information: dropping it keeps the fast unmasked paths
+        # (eager only: compiled graphs take no data-dependent branch, and the masked path is exact).
+        if (
+            attention_mask is not None
+            and attention_mask.dim() == 2
+            and not torch.compiler.is_compiling()
+            and bool(attention_mask.all())
+        ):
             attention_mask = None
         mask_2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        positions_given = position_ids is not None
         if position_ids is None:
             if mask_2d is not None:  # left padding: each row counts from its first real token
                 position_ids = (mask_2d.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
@@ -1393,7 +1447,9 @@ class HybridMambaModel(HybridMambaPreTrainedModel):
                     past = cache.get_seq_length()
                 position_ids = torch.arange(past, past + t, device=inputs_embeds.device).unsqueeze(0)
         pad_mask = mask_2d[:, -t:].bool() if mask_2d is not None else None
-        seq_idx = segment_ids(position_ids.expand(b, -1), pad_mask) if t > 1 else None
+        # Positions counted here from 0 or the cache with no padding make one segment per row.
+        segmented = t > 1 and (positions_given or pad_mask is not None)
+        seq_idx = segment_ids(position_ids.expand(b, -1), pad_mask) if segmented else None
 
         causal_mask = None
         if "attention" in self.config.layer_types:
