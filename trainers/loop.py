@@ -35,6 +35,7 @@ from hybrid_mamba.common.files import write_text_atomic
 from .args import TrainArgs
 from .checkpoint import CheckpointManager, atomic_save_pretrained
 from .data import EpochSampler
+from .fsdp_precision import fp32_mamba_mixers
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,8 @@ def _enable_fsdp_on_cpu(accelerator: Accelerator) -> None:
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* settings `accelerate launch` exported
+    if accelerator.mixed_precision != "no":  # the policy accelerate builds on GPUs
+        plugin.set_mixed_precision(accelerator.mixed_precision)
     if plugin.fsdp_version != 2:
         raise ValueError("FSDP on CPU processes needs fsdp_version: 2 in the accelerate config.")
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
@@ -276,9 +279,11 @@ class Trainer:
         val_loader = DataLoader(
             val_ds, batch_size=args.micro_batch_size, collate_fn=collate_fn, num_workers=args.num_workers
         )
-        self.model, self.optimizer, self.train_loader, self.val_loader = accelerator.prepare(
-            model, optimizer, train_loader, val_loader
-        )
+        # FSDP2 with bf16: the Mamba mixers' SSM parameters stay fp32 (trainers/fsdp_precision.py)
+        with fp32_mamba_mixers(accelerator):
+            self.model, self.optimizer, self.train_loader, self.val_loader = accelerator.prepare(
+                model, optimizer, train_loader, val_loader
+            )
         self.state = TrainState()
         accelerator.register_for_checkpointing(self.scheduler, self.state)
         if len(self.train_loader) < args.gradient_accumulation_steps:
