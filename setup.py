@@ -54,8 +54,10 @@ extras_require = {
     "cuda": ["mamba-ssm>=2.2", "causal-conv1d>=1.4", "flash-attn>=2.6", "bitsandbytes>=0.45"],
     # `transformers serve` (an OpenAI-compatible server) and the client that tests and benchmarks it
     "serving": ["transformers[serving]>=5.21,<6", "openai>=1.98"],
+    # hub_cards/onnx_export.py: torch.onnx's dynamo exporter (onnx, onnxscript) and the CPU runtime
+    "onnx": ["onnx>=1.18", "onnxscript>=0.5", "onnxruntime>=1.22"],
     # bitsandbytes runs 4-bit/8-bit on CPU too: in dev so the QLoRA guard tests run everywhere; serving so
-    # tests/test_serve.py does.
+    # tests/test_serve.py does, onnx so tests/test_onnx_export.py does.
     "dev": [
         "pytest>=8",
         "matplotlib>=3.8",
@@ -63,6 +65,9 @@ extras_require = {
         "ruff>=0.15",
         "transformers[serving]>=5.21,<6",
         "openai>=1.98",
+        "onnx>=1.18",
+        "onnxscript>=0.5",
+        "onnxruntime>=1.22",
     ],
 }
 

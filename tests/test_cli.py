@@ -44,6 +44,7 @@ CASES = [
     ("hub_cards.serve", ["--model", "{tmp}/missing"], "no config.json there"),
     ("eval_harness.bench_serve", ["--model", "{tmp}/missing", "--out", "{tmp}/out"], "no config.json there"),
     ("hub_cards.gguf", ["--model", "{tmp}/missing", "--out", "{tmp}/out"], "does not exist"),
+    ("hub_cards.onnx_export", ["--model", "{tmp}/missing", "--out", "{tmp}/out"], "no such folder"),
     (
         "eval_harness.bench_gguf",
         ["--model", "{tmp}/missing", "--gguf", "{tmp}/missing", "--out", "{tmp}/out"],
