@@ -58,7 +58,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import BambaForCausalLM, HfArgumentParser, LlamaConfig, LlamaForCausalLM, Mamba2ForCausalLM
+from transformers import (
+    BambaForCausalLM,
+    HfArgumentParser,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Mamba2ForCausalLM,
+    StaticCache,
+)
 
 from hybrid_mamba.common.files import save_figure, write_json_atomic, write_text_atomic
 from hybrid_mamba.common.machine import machine
@@ -88,6 +95,41 @@ BASELINE_NOTES = {
 }
 # Baselines beyond the fixed benchmark's default set (--model ... --baselines).
 ALL_CLASSES = {**MODEL_CLASSES, "mamba2": Mamba2ForCausalLM}
+
+# Run modes (--modes), each applied to ours and every baseline alike: the precision (fp32; bf16 = autocast to
+# bfloat16 with fp32 parameters, as accelerate's mixed_precision: bf16 runs on CPU and GPU) and optionally
+# torch.compile (inductor; ours with fullgraph=True; decode through a StaticCache, as generate() compiles it).
+# The first mode's columns are named by model ("ours"); other modes' get "@mode" ("ours@bf16").
+MODES = ("fp32", "bf16", "fp32+compile", "bf16+compile")
+COMPILE_BACKEND = "inductor"  # the tests trace with "eager" (same graphs, no C++ compilation)
+
+
+def split_column(column: str) -> tuple[str, str]:
+    """("ours@bf16") -> ("ours", "bf16"); a name without "@" is in the run's first mode (returned as "")."""
+    base, _, mode = column.partition("@")
+    return base, mode
+
+
+def mode_parts(mode: str) -> tuple[str, bool]:
+    """ "bf16+compile" -> ("bf16", True)."""
+    precision, _, compiled = mode.partition("+")
+    return precision, compiled == "compile"
+
+
+def apply_mode(model, base: str, mode: str):
+    """The model as a column of `mode` runs it: autocast around forward for bf16, torch.compile'd forward
+    for +compile (the eager forward kept as `model.eager_forward`, which decode prefills with)."""
+    precision, compiled = mode_parts(mode)
+    forward = model.forward
+    if precision == "bf16":
+        forward = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)(forward)
+    model.eager_forward = forward
+    if compiled:
+        forward = torch.compile(forward, fullgraph=base == "ours", backend=COMPILE_BACKEND)
+    model.forward = forward
+    model.bench_compiled = compiled
+    return model
+
 
 # Names a model's cache goes by, across transformers releases and model classes.
 CACHE_NAMES = ("cache", "cache_params", "past_key_values")
@@ -137,6 +179,8 @@ class Plan:
     prefill_reps: tuple[int, ...] = (7, 5, 3)  # one count per length: long prefills are slow on CPU
     decode_prompts: tuple[int, ...] = (128, 1024, 4096)
     decode_steps: int = 32
+    decode_batches: tuple[int, ...] = (8, 32)  # generated tokens/s of batched decoding
+    batched_decode_prompt: int = 128
     warmup: int = 1
     decode_warmup: int = 3
 
@@ -149,6 +193,8 @@ QUICK_PLAN = Plan(
     prefill_reps=(2, 2),
     decode_prompts=(32, 64),
     decode_steps=8,
+    decode_batches=(4,),
+    batched_decode_prompt=32,
     decode_warmup=2,
 )
 
@@ -177,6 +223,36 @@ class BenchArgs:
     threads: int = field(default=2, metadata={"help": "torch.set_num_threads here and in the memory subprocesses."})
     quick: bool = field(default=False, metadata={"help": "Smoke-test sizes and repetitions (well under a minute)."})
     seed: int = field(default=0, metadata={"help": "Seed of the weights and of the random token ids."})
+    modes: str = field(
+        default="fp32",
+        metadata={
+            "help": "Comma-separated run modes, each applied to ours and every baseline, interleaved in one run: "
+            "fp32, bf16 (autocast, fp32 parameters), fp32+compile, bf16+compile (torch.compile; decode with a "
+            "static cache). Columns beyond the first mode are named model@mode."
+        },
+    )
+
+    onnx: bool = field(
+        default=False,
+        metadata={
+            "help": "Also export ours to ONNX (hub_cards.onnx_export) and time its decode on onnxruntime "
+            "(needs the onnx extra; fp32 first mode)."
+        },
+    )
+
+    def __post_init__(self):
+        if self.onnx:
+            from hybrid_mamba.hub_cards.onnx_export import require_onnx
+
+            require_onnx()
+            if not self.modes.strip().startswith("fp32") or self.device != "cpu":
+                raise ValueError("--onnx compares against ours in fp32 on CPU: make fp32 the first of --modes")
+        modes = [m.strip() for m in self.modes.split(",") if m.strip()]
+        unknown = [m for m in modes if m not in MODES]
+        if not modes or unknown:
+            raise ValueError(f"--modes {self.modes!r}: choose one or more of {', '.join(MODES)}")
+        if len(set(modes)) != len(modes):
+            raise ValueError(f"--modes {self.modes!r} names a mode twice")
 
 
 # Models
@@ -213,9 +289,12 @@ def equal_size_llama(ours: HybridMambaConfig) -> LlamaConfig:
     return to_llama_config(ours, intermediate_size=max(1, shape.intermediate_size + round(gap / per_column)))
 
 
-def build_model(name: str, config, seed: int, device: str = "cpu"):
+def build_model(name: str, config, seed: int, device: str = "cpu", mode: str = "fp32"):
+    """A column's model: `name` may carry "@mode"; else `mode` applies. Same seed, same weights in every mode."""
+    base, column_mode = split_column(name)
     torch.manual_seed(seed)
-    return ALL_CLASSES[name](config).to(device).eval()
+    model = ALL_CLASSES[base](config).to(device).eval()
+    return apply_mode(model, base, column_mode or mode)
 
 
 def random_ids(vocab_size: int, shape: tuple, seed: int) -> torch.Tensor:
@@ -250,11 +329,16 @@ def _device(models: dict) -> torch.device:
     return next(next(iter(models.values())).parameters()).device
 
 
-def _round_robin(models: dict, reps: int, warmup: int, call, label: str) -> dict[str, list[float]]:
-    """Seconds of `call(name, model)` per model; every repetition runs each model once, in turn."""
+def _round_robin(
+    models: dict, reps: int, warmup: int, call, label: str, first: dict | None = None
+) -> dict[str, list[float]]:
+    """Seconds of `call(name, model)` per model; every repetition runs each model once, in turn.
+    `first`, when given, receives each model's first (warmup) call: compilation time in +compile modes."""
     times = {name: [] for name in models}
     for rep in range(warmup + reps):
         step = {name: _timed(lambda: call(name, model), _device(models)) for name, model in models.items()}
+        if rep == 0 and first is not None:
+            first.update(step)
         if rep >= warmup:
             for name, dt in step.items():
                 times[name].append(dt)
@@ -270,9 +354,15 @@ def measure_training(models: dict, plan: Plan, seed: int) -> dict:
     optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-4) for name, model in models.items()}
     for model in models.values():
         model.train()
+    first = {}
     try:
         times = _round_robin(
-            models, plan.train_reps, plan.warmup, lambda name, m: train_step(m, optimizers[name], batch), "train"
+            models,
+            plan.train_reps,
+            max(plan.warmup, 1),
+            lambda name, m: train_step(m, optimizers[name], batch),
+            "train",
+            first,
         )
     finally:
         for model in models.values():
@@ -282,7 +372,12 @@ def measure_training(models: dict, plan: Plan, seed: int) -> dict:
     results = {}
     for name, ts in times.items():
         rates = [tokens / t for t in ts]
-        results[name] = {"step_s": ts, "tokens_per_s": rates, "median_tokens_per_s": statistics.median(rates)}
+        results[name] = {
+            "step_s": ts,
+            "tokens_per_s": rates,
+            "median_tokens_per_s": statistics.median(rates),
+            "first_step_s": first[name],  # the warmup step: includes compilation in +compile modes
+        }
     return results
 
 
@@ -327,58 +422,142 @@ def measure_mamba_mixer(model, plan: Plan, seed: int) -> dict | None:
     return results
 
 
-@torch.no_grad()
-def measure_decode(models: dict, plan: Plan, seed: int) -> dict:
+def _decode_run(models: dict, prompt_len: int, batch: int, plan: Plan, seed: int) -> dict:
+    """Prefill `batch` prompts of `prompt_len` tokens (timed: time to first token), then
+    `plan.decode_warmup + plan.decode_steps` one-token steps, each model in turn at every step."""
     vocab = next(iter(models.values())).config.vocab_size
     n_steps = plan.decode_warmup + plan.decode_steps
-    results = {}
     args = {name: cache_arg(m) for name, m in models.items()}  # looked up once, outside the timed steps
+    dev = _device(models)
+    prompt = random_ids(vocab, (batch, prompt_len), seed + prompt_len).to(dev)
+    tokens = random_ids(vocab, (batch, n_steps), seed + prompt_len + 1).to(dev)
+    caches, ttft, first_step = {}, {}, {}
+    for name, m in models.items():
+        # time to first token: the prompt's prefill with a cache, up to the first token's id. Compiled
+        # models decode with a StaticCache of the whole length (shapes fixed, as generate() compiles
+        # them) and prefill eagerly, as generate() does.
+        def first(m=m, name=name):
+            static = {}
+            if getattr(m, "bench_compiled", False):
+                static[args[name]] = StaticCache(config=m.config, max_cache_len=prompt_len + n_steps)
+            forward = getattr(m, "eager_forward", m.forward)
+            out = forward(input_ids=prompt, use_cache=True, logits_to_keep=1, **static)
+            out.logits[:, -1].argmax(-1)
+            caches[name] = returned_cache(out)
+
+        ttft[name] = _timed(first, dev)
+    times = {name: [] for name in models}
+    for i in range(n_steps):
+        # position_ids given: Bamba does not derive them from the cache
+        step = dict(
+            input_ids=tokens[:, i : i + 1],
+            position_ids=torch.full((batch, 1), prompt_len + i, device=dev),
+            use_cache=True,
+        )
+        for name, model in models.items():
+
+            def one(model=model, name=name):
+                caches[name] = returned_cache(model(**{args[name]: caches[name]}, **step))
+
+            dt = _timed(one, dev)
+            if i == 0:
+                first_step[name] = dt  # includes compilation in +compile modes
+            if i >= plan.decode_warmup:
+                times[name].append(dt)
+    caches.clear()
+    gc.collect()
+    results = {}
+    for name, ts in times.items():
+        p50, p95, p99 = np.percentile(ts, [50, 95, 99]).tolist()
+        results[name] = {
+            "step_s": ts,
+            "p50_s": p50,
+            "p95_s": p95,
+            "p99_s": p99,
+            "ttft_s": ttft[name],
+            "first_step_s": first_step[name],
+        }
+    return results
+
+
+@torch.no_grad()
+def measure_decode(models: dict, plan: Plan, seed: int) -> dict:
+    """Batch 1 after each of `plan.decode_prompts`: per-token latency."""
+    results = {}
     for prompt_len in plan.decode_prompts:
-        dev = _device(models)
-        prompt = random_ids(vocab, (1, prompt_len), seed + prompt_len).to(dev)
-        tokens = random_ids(vocab, (1, n_steps), seed + prompt_len + 1).to(dev)
-        caches, ttft = {}, {}
-        for name, m in models.items():
-            # time to first token: the prompt's prefill with a cache, up to the first token's id
-            def first(m=m, name=name):
-                out = m(input_ids=prompt, use_cache=True, logits_to_keep=1)
-                out.logits[:, -1].argmax(-1)
-                caches[name] = returned_cache(out)
-
-            ttft[name] = _timed(first, dev)
-        times = {name: [] for name in models}
-        for i in range(n_steps):
-            # position_ids given: Bamba does not derive them from the cache
-            step = dict(
-                input_ids=tokens[:, i : i + 1],
-                position_ids=torch.tensor([[prompt_len + i]], device=dev),
-                use_cache=True,
-            )
-            for name, model in models.items():
-
-                def one(model=model, name=name):
-                    caches[name] = returned_cache(model(**{args[name]: caches[name]}, **step))
-
-                dt = _timed(one, dev)
-                if i >= plan.decode_warmup:
-                    times[name].append(dt)
-        caches.clear()
-        gc.collect()
-        results[str(prompt_len)] = {}
-        for name, ts in times.items():
-            p50, p95, p99 = np.percentile(ts, [50, 95, 99]).tolist()
-            results[str(prompt_len)][name] = {
-                "step_s": ts,
-                "p50_s": p50,
-                "p95_s": p95,
-                "p99_s": p99,
-                "ttft_s": ttft[name],
-            }
+        results[str(prompt_len)] = _decode_run(models, prompt_len, 1, plan, seed)
         logger.info(
             "decode after %d: p50 %s",
             prompt_len,
             ", ".join(f"{n} {r['p50_s'] * 1e3:.1f} ms" for n, r in results[str(prompt_len)].items()),
         )
+    return results
+
+
+@torch.no_grad()
+def measure_batched_decode(models: dict, plan: Plan, seed: int) -> dict:
+    """Each batch of `plan.decode_batches` after a `plan.batched_decode_prompt`-token prompt: generated
+    tokens/s (batch / median step time)."""
+    results = {}
+    for batch in plan.decode_batches:
+        run = _decode_run(models, plan.batched_decode_prompt, batch, plan, seed)
+        for r in run.values():
+            r["tokens_per_s"] = batch / statistics.median(r["step_s"])
+        results[str(batch)] = run
+        logger.info(
+            "decode batch %d: %s",
+            batch,
+            ", ".join(f"{n} {r['tokens_per_s']:.0f} tok/s" for n, r in run.items()),
+        )
+    return results
+
+
+@torch.no_grad()
+def measure_onnx_decode(model, plan: Plan, seed: int, threads: int) -> dict:
+    """Ours exported to ONNX (hub_cards.onnx_export) and run by onnxruntime on `threads` threads: the
+    prompt through the prefill graph (in its fixed chunks; the remainder through decode steps), then
+    per-token decode latency at batch 1 after each of `plan.decode_prompts`, and the largest logit
+    difference from ours over the decoded steps. After the interleaved measurements, in the same process."""
+    import tempfile
+
+    from hybrid_mamba.hub_cards.onnx_export import OnnxGenerator, export_onnx
+
+    vocab = model.config.vocab_size
+    n_steps = plan.decode_warmup + plan.decode_steps
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        src, onnx_dir = Path(tmp) / "model", Path(tmp) / "onnx"
+        model.save_pretrained(src)
+        t0 = time.perf_counter()
+        export_onnx(src, onnx_dir, model=model)
+        results["export_s"] = time.perf_counter() - t0
+        gen = OnnxGenerator(onnx_dir, threads=threads)
+        for prompt_len in plan.decode_prompts:
+            prompt = random_ids(vocab, (1, prompt_len), seed + prompt_len).numpy()
+            tokens = random_ids(vocab, (1, n_steps), seed + prompt_len + 1).numpy()
+            t0 = time.perf_counter()
+            _, states = gen.run_prompt(prompt)
+            ttft = time.perf_counter() - t0
+            times, logits = [], []
+            for i in range(n_steps):
+                t0 = time.perf_counter()
+                out, states = gen.step(tokens[:, i : i + 1], states)
+                dt = time.perf_counter() - t0
+                logits.append(out[:, -1])
+                if i >= plan.decode_warmup:
+                    times.append(dt)
+            ids = torch.from_numpy(np.concatenate([prompt, tokens], axis=1))
+            ref = model.eager_forward(input_ids=ids).logits[0, prompt_len:].float().numpy()
+            p50, p95, p99 = np.percentile(times, [50, 95, 99]).tolist()
+            results[str(prompt_len)] = {
+                "step_s": times,
+                "p50_s": p50,
+                "p95_s": p95,
+                "p99_s": p99,
+                "ttft_s": ttft,
+                "max_abs_logit_diff": float(np.abs(np.concatenate(logits) - ref).max()),
+            }
+            logger.info("onnx decode after %d: p50 %.1f ms", prompt_len, p50 * 1e3)
     return results
 
 
@@ -396,13 +575,13 @@ def _rss_bytes() -> int:
         return _maxrss_bytes()
 
 
-def _training_memory_worker(name: str, config, plan: Plan, threads: int, seed: int) -> dict:
+def _training_memory_worker(name: str, config, plan: Plan, threads: int, seed: int, mode: str = "fp32") -> dict:
     """Runs in a fresh process: RSS around `plan.memory_steps` training steps of one model."""
     # A process started by (v)fork + exec begins with ru_maxrss = its parent's peak (Linux keeps the
     # old address space's high-water mark across exec), so the parent must be small when it spawns.
     inherited = _maxrss_bytes()
     torch.set_num_threads(threads)
-    model = build_model(name, config, seed).train()
+    model = build_model(name, config, seed, mode=mode).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = random_ids(config.vocab_size, (plan.train_batch, plan.train_seq), seed)
     after_build = _rss_bytes()
@@ -419,14 +598,15 @@ def _training_memory_worker(name: str, config, plan: Plan, threads: int, seed: i
     }
 
 
-def measure_cuda_training_memory(configs: dict, plan: Plan, seed: int, device: str) -> dict:
-    """torch.cuda.max_memory_allocated around `plan.memory_steps` training steps, one model at a time."""
+def measure_cuda_training_memory(columns: dict, plan: Plan, seed: int, device: str) -> dict:
+    """torch.cuda.max_memory_allocated around `plan.memory_steps` training steps, one model at a time.
+    `columns`: name -> (config, mode)."""
     mib = 2**20
     results = {}
-    for name, config in configs.items():
+    for name, (config, mode) in columns.items():
         gc.collect()
         torch.cuda.empty_cache()
-        model = build_model(name, config, seed, device).train()
+        model = build_model(name, config, seed, device, mode).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         batch = random_ids(config.vocab_size, (plan.train_batch, plan.train_seq), seed).to(device)
         torch.cuda.synchronize(device)
@@ -452,13 +632,14 @@ def measure_cuda_training_memory(configs: dict, plan: Plan, seed: int, device: s
     return results
 
 
-def measure_training_memory(configs: dict, plan: Plan, threads: int, seed: int) -> dict:
-    """One fresh spawned process per model, so that each peak belongs to that model alone."""
+def measure_training_memory(columns: dict, plan: Plan, threads: int, seed: int) -> dict:
+    """One fresh spawned process per model, so that each peak belongs to that model alone.
+    `columns`: name -> (config, mode)."""
     ctx = multiprocessing.get_context("spawn")
     results = {}
-    for name, config in configs.items():
+    for name, (config, mode) in columns.items():
         with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-            r = pool.submit(_training_memory_worker, name, config, plan, threads, seed).result()
+            r = pool.submit(_training_memory_worker, name, config, plan, threads, seed, mode).result()
         if r["peak_rss_mib"] <= r["inherited_maxrss_mib"]:
             logger.warning(
                 "memory %s: the peak RSS is the %.0f MiB inherited from the parent process, not this model's; "
@@ -476,15 +657,30 @@ def measure_training_memory(configs: dict, plan: Plan, threads: int, seed: int) 
 # Report
 
 
+def _ratio_pairs(names: list[str]) -> list[tuple[str, str]]:
+    """(numerator, denominator) columns: ours against each baseline in the same mode, and ours in each
+    further mode against ours in the first ("ours@bf16/ours")."""
+    pairs = []
+    for name in names:
+        base, mode = split_column(name)
+        if base == "ours":
+            continue
+        mine = "ours" + (f"@{mode}" if mode else "")
+        if mine in names:
+            pairs.append((mine, name))
+    pairs += [(n, "ours") for n in names if split_column(n)[0] == "ours" and n != "ours"]
+    return pairs
+
+
 def _table(title: str, note: str, key: str, rows: list[tuple[str, dict]], fmt: str, ratios: bool = True) -> list[str]:
     names = list(rows[0][1])
-    baselines = [n for n in names if n != "ours"]
-    head = [key, *names] + ([f"ours/{b}" for b in baselines] if ratios else [])
+    pairs = _ratio_pairs(names) if ratios else []
+    head = [key, *names] + [f"{a}/{b}" for a, b in pairs]
     lines = [f"## {title}", "", note, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, values in rows:
         cells = [label] + [format(values[n], fmt) for n in names]
         if ratios:
-            cells += [f"{values['ours'] / values[other]:.2f}" for other in baselines]
+            cells += [f"{values[a] / values[b]:.2f}" for a, b in pairs]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -496,11 +692,44 @@ def _header(results: dict) -> list[str]:
         "",
         f"`{results['command']}` on {m['cpu']} ({m['platform']}), {m['threads']} threads, "
         f"torch {m['torch']}, transformers {m['transformers']}, {m['date']}, commit {m['git_commit']}.",
-        "fp32, random init; warmup iterations excluded. "
+        _modes_note(results.get("modes", ["fp32"]))
+        + " Random init; warmup iterations excluded. "
         + " ".join(BASELINE_NOTES[n] for n in results["parameters"] if n in BASELINE_NOTES)
         + ("; CUDA events and max_memory_allocated." if m.get("device", "cpu").startswith("cuda") else "."),
         "",
     ]
+
+
+def _modes_note(modes: list[str]) -> str:
+    first, rest = modes[0], modes[1:]
+    text = f"Mode {first}" + (
+        f"; columns @{', @'.join(rest)} in those modes, interleaved in the same run." if rest else "."
+    )
+    if any(mode_parts(m)[0] == "bf16" for m in modes):
+        text += " bf16: autocast to bfloat16, parameters fp32 (ours keeps the scan and its state in fp32)."
+    if any(mode_parts(m)[1] for m in modes):
+        text += (
+            " +compile: torch.compile (inductor; ours fullgraph=True); decode through a StaticCache, prefilled"
+            " eagerly, as generate() compiles it; compilation times in their own table."
+        )
+    return text
+
+
+def _compile_table(results: dict) -> list[str]:
+    """The first training step and the first decode step of each model: compilation in +compile modes."""
+    if not any(mode_parts(m)[1] for m in results.get("modes", [])):
+        return []
+    tr, decode = results["training"], results["decode"]
+    rows = [("training step", {n: r["first_step_s"] for n, r in tr.items()})]
+    rows += [(f"decode after {p}", {n: r["first_step_s"] for n, r in by.items()}) for p, by in decode.items()]
+    return _table(
+        "First call (s, includes compilation in +compile modes)",
+        "The warmup training step, and the first decode step after each prompt (a new static cache size "
+        "recompiles). Not in the steady-state figures above; ratios are of times.",
+        "call",
+        rows,
+        ".2f",
+    )
 
 
 def _throughput_tables(results: dict) -> list[str]:
@@ -564,6 +793,37 @@ def _decode_tables(results: dict) -> list[str]:
         rows,
         ".2f",
     )
+    batched = results.get("batched_decode")
+    if batched:
+        lines += _table(
+            "Batched decode throughput (generated tokens/s, higher is better)",
+            f"Batch of the given size after a {p.get('batched_decode_prompt')}-token prompt, no grad; batch / "
+            f"median step time over {p['decode_steps']} steps. Ratios are of tokens/s: above 1 means ours is faster.",
+            "batch",
+            [(b, {n: r["tokens_per_s"] for n, r in by_model.items()}) for b, by_model in batched.items()],
+            ".0f",
+        )
+    onnx = results.get("onnx_decode")
+    if onnx:
+        rows = [
+            (f"{length} p50", {"ours": decode[length]["ours"]["p50_s"] * 1e3, "onnx": r["p50_s"] * 1e3})
+            for length, r in onnx.items()
+            if length in decode
+        ]
+        lines += [
+            "## ONNX Runtime decode (ms per token, lower is better)",
+            "",
+            f"Ours exported by hub_cards.onnx_export ({onnx['export_s']:.0f} s) and run by onnxruntime on the same "
+            "threads after the interleaved measurements, batch 1; ours is the eager column above. Largest logit "
+            "difference from ours over the decoded steps: "
+            + ", ".join(f"{n}: {r['max_abs_logit_diff']:.1e}" for n, r in onnx.items() if n in decode)
+            + ".",
+            "",
+            "| prompt, quantile | ours (eager) | onnxruntime | onnxruntime/ours |",
+            "|---|---|---|---|",
+            *[f"| {label} | {v['ours']:.2f} | {v['onnx']:.2f} | {v['onnx'] / v['ours']:.2f} |" for label, v in rows],
+            "",
+        ]
     first = next(iter(decode.values()), {})
     if first and "ttft_s" in next(iter(first.values())):
         lines += _table(
@@ -611,7 +871,7 @@ def _memory_table(results: dict) -> list[str]:
 
 def to_markdown(results: dict) -> str:
     lines = _header(results) + _throughput_tables(results) + _mixer_table(results.get("mamba_mixer"))
-    return "\n".join(lines + _decode_tables(results) + _memory_table(results))
+    return "\n".join(lines + _decode_tables(results) + _compile_table(results) + _memory_table(results))
 
 
 def run_benchmark(
@@ -624,9 +884,16 @@ def run_benchmark(
     baselines: tuple[str, ...] = DEFAULT_BASELINES,
     device: str = "cpu",
     stem: str = "bench_speed",
+    modes: tuple[str, ...] = ("fp32",),
+    onnx: bool = False,
 ) -> dict:
     """Every measurement, in one process (CPU memory in subprocesses); writes OUT/STEM.json and .md."""
     configs = matched_configs(ours_config, tuple(baselines))
+    columns = {
+        (name if i == 0 else f"{name}@{mode}"): (cfg, mode)
+        for i, mode in enumerate(modes)
+        for name, cfg in configs.items()
+    }
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for but CUDA is not available")
     out = Path(out)
@@ -640,22 +907,29 @@ def run_benchmark(
             "machine": {**machine(threads), "device": device}
             | ({"gpu": torch.cuda.get_device_name(device)} if device.startswith("cuda") else {}),
             "plan": asdict(plan),
+            "modes": list(modes),
             # parse_constant: the time-step limits hold inf, which strict JSON lacks; keep it as a string
             "configs": {name: json.loads(cfg.to_json_string(), parse_constant=str) for name, cfg in configs.items()},
         }
         json.dumps(results, allow_nan=False)  # fail now, not after the run, on anything not JSON
         # Memory first, while this process is still small: children inherit its peak RSS.
         if device.startswith("cuda"):
-            results["memory"] = measure_cuda_training_memory(configs, plan, seed, device)
+            results["memory"] = measure_cuda_training_memory(columns, plan, seed, device)
         else:
-            results["memory"] = measure_training_memory(configs, plan, threads, seed)
-        models = {name: build_model(name, cfg, seed, device) for name, cfg in configs.items()}
-        results["parameters"] = {name: total_parameters(ALL_CLASSES[name], cfg) for name, cfg in configs.items()}
+            results["memory"] = measure_training_memory(columns, plan, threads, seed)
+        models = {name: build_model(name, cfg, seed, device, mode) for name, (cfg, mode) in columns.items()}
+        results["parameters"] = {
+            name: total_parameters(ALL_CLASSES[split_column(name)[0]], cfg) for name, (cfg, _) in columns.items()
+        }
         logger.info("parameters: %s", ", ".join(f"{n} {c / 1e6:.2f}M" for n, c in results["parameters"].items()))
         results["training"] = measure_training(models, plan, seed)
         results["prefill"] = measure_prefill(models, plan, seed)
         results["mamba_mixer"] = measure_mamba_mixer(models["ours"], plan, seed)
         results["decode"] = measure_decode(models, plan, seed)
+        if plan.decode_batches:
+            results["batched_decode"] = measure_batched_decode(models, plan, seed)
+        if onnx:
+            results["onnx_decode"] = measure_onnx_decode(models["ours"], plan, seed, threads)
     finally:
         torch.set_num_threads(previous_threads)
     results["elapsed_s"] = time.perf_counter() - start
@@ -721,8 +995,18 @@ def run(args: BenchArgs) -> dict:
     stem = "bench_speed" if args.model is None else "bench"
     out = Path(args.out or f"results/{stem}")
     plan = QUICK_PLAN if args.quick else Plan()
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     results = run_benchmark(
-        config, plan, out, args.threads, args.seed, baselines=baselines, device=args.device, stem=stem
+        config,
+        plan,
+        out,
+        args.threads,
+        args.seed,
+        baselines=baselines,
+        device=args.device,
+        stem=stem,
+        modes=modes,
+        onnx=args.onnx,
     )
     plot(results, out / f"{stem}.png")
     return results

@@ -3,7 +3,9 @@
 import json
 
 import pytest
+import torch
 from conftest import tiny_config
+from transformers import StaticCache
 
 from hybrid_mamba.eval_harness import bench_speed
 from hybrid_mamba.eval_harness.bench_speed import MODEL_CLASSES, Plan, run_benchmark
@@ -14,8 +16,9 @@ def test_bench_speed_writes_json_and_markdown(tmp_path, monkeypatch):
     monkeypatch.setattr(
         bench_speed,
         "measure_training_memory",
-        lambda configs, plan, threads, seed: {
-            name: bench_speed._training_memory_worker(name, cfg, plan, threads, seed) for name, cfg in configs.items()
+        lambda columns, plan, threads, seed: {
+            name: bench_speed._training_memory_worker(name, cfg, plan, threads, seed, mode)
+            for name, (cfg, mode) in columns.items()
         },
     )
     plan = Plan(
@@ -28,6 +31,8 @@ def test_bench_speed_writes_json_and_markdown(tmp_path, monkeypatch):
         decode_prompts=(8,),
         decode_steps=3,
         decode_warmup=1,
+        decode_batches=(2,),
+        batched_decode_prompt=8,
     )
     out = tmp_path / "bench"
     run_benchmark(tiny_config(["mamba2", "attention"]), plan, out, threads=1, command="test")
@@ -59,6 +64,7 @@ def test_bench_speed_writes_json_and_markdown(tmp_path, monkeypatch):
         "## Prefill latency",
         "## Mamba mixer alone",
         "## Decode latency",
+        "## Batched decode throughput",
         "## Training step peak memory",
     ):
         assert title in md
@@ -72,8 +78,9 @@ def test_bench_any_baselines_ttft_and_plot(tmp_path, monkeypatch):
     monkeypatch.setattr(
         bench_speed,
         "measure_training_memory",
-        lambda configs, plan, threads, seed: {
-            name: bench_speed._training_memory_worker(name, cfg, plan, threads, seed) for name, cfg in configs.items()
+        lambda columns, plan, threads, seed: {
+            name: bench_speed._training_memory_worker(name, cfg, plan, threads, seed, mode)
+            for name, (cfg, mode) in columns.items()
         },
     )
     folder = tmp_path / "model"
@@ -90,6 +97,8 @@ def test_bench_any_baselines_ttft_and_plot(tmp_path, monkeypatch):
         decode_prompts=(8, 12),
         decode_steps=3,
         decode_warmup=1,
+        decode_batches=(2,),
+        batched_decode_prompt=8,
     )
     out = tmp_path / "bench"
     results = run_benchmark(config, plan, out, threads=1, command="test", baselines=("mamba2", "llama"), stem="bench")
@@ -119,3 +128,111 @@ def test_bench_scan_quick_writes_reference_and_fast_rows(tmp_path):
     assert all(r["median_ms"] > 0 for r in data["rows"])
     md = (tmp_path / "bench_scan.md").read_text()
     assert "| 1 x 128 | ssd_scan | 32 | forward+backward |" in md
+
+
+def test_bench_modes_interleave_precision_and_compile(tmp_path, monkeypatch):
+    """--modes: every model in each mode, interleaved in one run; bf16 through autocast, +compile with a
+    static cache for decode (traced with the eager backend here: same graphs, no C++ build)."""
+    monkeypatch.setattr(bench_speed, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(
+        bench_speed,
+        "measure_training_memory",
+        lambda columns, plan, threads, seed: {
+            name: bench_speed._training_memory_worker(name, cfg, plan, threads, seed, mode)
+            for name, (cfg, mode) in columns.items()
+        },
+    )
+    plan = Plan(
+        train_batch=1,
+        train_seq=16,
+        train_reps=1,
+        memory_steps=1,
+        prefill_lengths=(16,),
+        prefill_reps=(1,),
+        decode_prompts=(8,),
+        decode_steps=3,
+        decode_warmup=1,
+        decode_batches=(2,),
+        batched_decode_prompt=8,
+    )
+    out = tmp_path / "bench"
+    results = run_benchmark(
+        tiny_config(["mamba2", "attention"]),
+        plan,
+        out,
+        threads=1,
+        command="test",
+        baselines=("llama_shape",),
+        modes=("fp32", "bf16", "fp32+compile"),
+    )
+    columns = ["ours", "llama_shape", "ours@bf16", "llama_shape@bf16", "ours@fp32+compile", "llama_shape@fp32+compile"]
+    assert list(results["parameters"]) == columns and results["modes"] == ["fp32", "bf16", "fp32+compile"]
+    assert set(results["training"]) == set(columns) == set(results["decode"]["8"]) == set(results["memory"])
+    assert all(r["first_step_s"] > 0 for r in results["training"].values())
+    assert set(results["batched_decode"]["2"]) == set(columns)
+    assert all(r["tokens_per_s"] > 0 and len(r["step_s"]) == 3 for r in results["batched_decode"]["2"].values())
+    md = (out / "bench_speed.md").read_text()
+    ratios = "| ours/llama_shape | ours@bf16/llama_shape@bf16 | ours@fp32+compile/llama_shape@fp32+compile |"
+    assert ratios + " ours@bf16/ours | ours@fp32+compile/ours |" in md
+    assert "## First call (s, includes compilation" in md and "autocast to bfloat16" in md
+    with pytest.raises(ValueError, match="choose one or more of"):
+        bench_speed.BenchArgs(modes="fp16")
+
+
+def test_bench_bf16_mode_autocasts_and_compiled_decode_matches_eager(monkeypatch):
+    """The modes change how a model runs, not what it computes: bf16 logits (autocast) close to fp32's, and
+    the compiled static-cache steps equal to the full forward."""
+    monkeypatch.setattr(bench_speed, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    config = tiny_config(["mamba2", "attention"])
+    ids = torch.randint(0, config.vocab_size, (1, 12))
+    fp32 = bench_speed.build_model("ours", config, 0)
+    bf16 = bench_speed.build_model("ours@bf16", config, 0)
+    compiled = bench_speed.build_model("ours@fp32+compile", config, 0)
+    with torch.no_grad():
+        ref = fp32(input_ids=ids).logits
+        low = bf16(input_ids=ids).logits
+        assert low.dtype == torch.bfloat16  # the projections ran under autocast
+        assert (low.float() - ref).abs().max() < 5e-2 * ref.abs().max()
+        cache = StaticCache(config=config, max_cache_len=ids.shape[1])
+        arg = bench_speed.cache_arg(compiled)
+        compiled.eager_forward(input_ids=ids[:, :8], use_cache=True, **{arg: cache})
+        for i in range(8, 12):
+            out = compiled(
+                input_ids=ids[:, i : i + 1], position_ids=torch.tensor([[i]]), use_cache=True, **{arg: cache}
+            )
+            torch.testing.assert_close(out.logits[:, -1], ref[:, i], atol=1e-5, rtol=1e-5)
+
+
+def test_bench_onnx_decode_row(tmp_path, monkeypatch):
+    """--onnx: ours exported and decoded by onnxruntime after the interleaved run, its logits checked."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    pytest.importorskip("onnxscript", reason="the onnx extra is not installed")
+    monkeypatch.setattr(
+        bench_speed,
+        "measure_training_memory",
+        lambda columns, plan, threads, seed: {
+            name: bench_speed._training_memory_worker(name, cfg, plan, threads, seed, mode)
+            for name, (cfg, mode) in columns.items()
+        },
+    )
+    plan = Plan(
+        train_batch=1,
+        train_seq=16,
+        train_reps=1,
+        memory_steps=1,
+        prefill_lengths=(16,),
+        prefill_reps=(1,),
+        decode_prompts=(8, 40),
+        decode_steps=3,
+        decode_warmup=1,
+        decode_batches=(),
+    )
+    out = tmp_path / "bench"
+    results = run_benchmark(
+        tiny_config(["mamba2", "attention"]), plan, out, threads=1, command="test", baselines=("llama",), onnx=True
+    )
+    onnx = results["onnx_decode"]
+    assert set(onnx) == {"export_s", "8", "40"} and len(onnx["40"]["step_s"]) == 3
+    assert max(onnx[n]["max_abs_logit_diff"] for n in ("8", "40")) < 1e-4
+    assert "## ONNX Runtime decode" in (out / "bench_speed.md").read_text()
