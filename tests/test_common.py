@@ -255,3 +255,45 @@ def test_right_pad_pads_token_labels_and_stacks_row_labels():
     assert cls["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
     regression = collate([{"input_ids": torch.tensor([1]), "labels": torch.tensor(0.5)}])
     assert regression["labels"].dtype == torch.float32 and regression["labels"].tolist() == [0.5]
+
+
+# serving.serve_process: any OpenAI-compatible server command (transformers serve, vLLM)
+
+HEALTH_SERVER = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def test_serve_process_waits_for_health_and_stops_the_server(tmp_path):
+    import sys
+    import urllib.request
+
+    from hybrid_mamba.common.serving import free_port, serve_process
+
+    port = free_port()
+    cmd = [sys.executable, "-c", HEALTH_SERVER, str(port)]
+    with serve_process(cmd, "test server", "127.0.0.1", port, tmp_path / "log", startup_timeout=60) as url:
+        assert url == f"http://127.0.0.1:{port}/v1"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            assert r.status == 200
+    with pytest.raises(OSError):  # stopped with the block: nothing listens any more
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+
+
+def test_serve_process_that_exits_reports_its_last_lines(tmp_path):
+    import sys
+
+    from hybrid_mamba.common.serving import ServeError, free_port, serve_process
+
+    port = free_port()
+    cmd = [sys.executable, "-c", "import sys; print('starting'); print('no such model: x'); sys.exit(3)"]
+    with pytest.raises(ServeError, match=r"test server exited with status 3 before answering: .*no such model: x"):
+        with serve_process(cmd, "test server", "127.0.0.1", port, tmp_path / "log", startup_timeout=60):
+            pass

@@ -5,6 +5,8 @@ One server for the module, started as a real process by `bench_serve.serve`; the
 model's own `generate` decodes for the same prompt.
 """
 
+import sys
+
 import pytest
 import torch
 
@@ -142,3 +144,17 @@ def test_continuous_batching(bamba_folder, reference, tmp_path):
             assert "linear_attention" in (last_server_error(log) or "")
             raise
     assert response.choices[0].text == reference[PROMPTS[0]]
+
+
+def test_vllm_engine_refuses_what_vllm_cannot_serve(ours, bamba_folder, tmp_path):
+    """--engine vllm checks the folder and the interpreter before starting anything."""
+    from hybrid_mamba.eval_harness.bench_serve import ServeBenchArgs
+
+    with pytest.raises(
+        ValueError, match="export it first: python -m hybrid_mamba.modeling.convert --to granitemoehybrid"
+    ):
+        ServeBenchArgs(model=str(ours), engine="vllm")
+    with pytest.raises(FileNotFoundError, match="no such interpreter"):
+        ServeBenchArgs(model=str(bamba_folder), engine="vllm", vllm_python=str(tmp_path / "nope" / "python"))
+    args = ServeBenchArgs(model=str(bamba_folder), engine="vllm", vllm_python=sys.executable)
+    assert args.dtype == "float32"  # vLLM's auto would serve a float32 folder in 16 bits
