@@ -140,19 +140,27 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
+def local_architecture(model: str) -> tuple[bool, str | None]:
+    """(is a local folder, its config's first architecture). A name that is not a path is a Hub id, left to
+    the server: (False, None). A local path without config.json is an error."""
+    folder = Path(model).expanduser()
+    if not (folder.exists() or model.startswith((".", "/", "~"))):
+        return False, None
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"--model {model}: no config.json there; give a folder written by save_pretrained.")
+    return True, (json.loads(config.read_text(encoding="utf-8")).get("architectures") or [None])[0]
+
+
 def check_servable(model: str) -> None:
     """Fail before starting a server when a local folder is not one `transformers serve` can load.
 
     The server builds `getattr(transformers, config.architectures[0])`: a class of transformers itself, so a
     hybrid_mamba folder (remote code) is served through its Bamba export. Hub ids are left to the server.
     """
-    folder = Path(model).expanduser()
-    if not (folder.exists() or model.startswith((".", "/", "~"))):
+    local, architecture = local_architecture(model)
+    if not local:
         return
-    config = folder / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"--model {model}: no config.json there; give a folder written by save_pretrained.")
-    architecture = (json.loads(config.read_text(encoding="utf-8")).get("architectures") or [None])[0]
     import transformers
 
     if architecture is None or not hasattr(transformers, architecture):

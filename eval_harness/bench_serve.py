@@ -55,6 +55,7 @@ from hybrid_mamba.common.serving import (
     check_servable,
     free_port,
     last_server_error,
+    local_architecture,
     serve,
     serve_process,
 )
@@ -118,14 +119,8 @@ class ServeBenchArgs:
 
 def check_vllm_servable(model: str) -> None:
     """Fail before starting vLLM when a local folder is not one it implements (ours needs its export)."""
-    folder = Path(model).expanduser()
-    if not (folder.exists() or model.startswith((".", "/", "~"))):
-        return
-    config = folder / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"--model {model}: no config.json there; give a folder written by save_pretrained.")
-    architecture = (json.loads(config.read_text(encoding="utf-8")).get("architectures") or [None])[0]
-    if architecture not in VLLM_ARCHITECTURES:
+    local, architecture = local_architecture(model)
+    if local and architecture not in VLLM_ARCHITECTURES:
         raise ValueError(
             f"--model {model}: vLLM serves {' or '.join(VLLM_ARCHITECTURES)} folders, not {architecture}; export it "
             f"first: python -m hybrid_mamba.modeling.convert --to granitemoehybrid --src {model} --out {model}-granite"

@@ -11,8 +11,9 @@ from hybrid_mamba.eval_harness import bench_speed
 from hybrid_mamba.eval_harness.bench_speed import MODEL_CLASSES, Plan, run_benchmark
 
 
-def test_bench_speed_writes_json_and_markdown(tmp_path, monkeypatch):
-    # A spawned process per model costs seconds of imports each: run the memory worker in-process.
+@pytest.fixture
+def in_process_memory(monkeypatch):
+    """A spawned process per model costs seconds of imports each: run the memory worker in-process."""
     monkeypatch.setattr(
         bench_speed,
         "measure_training_memory",
@@ -21,6 +22,9 @@ def test_bench_speed_writes_json_and_markdown(tmp_path, monkeypatch):
             for name, (cfg, mode) in columns.items()
         },
     )
+
+
+def test_bench_speed_writes_json_and_markdown(tmp_path, in_process_memory):
     plan = Plan(
         train_batch=1,
         train_seq=16,
@@ -72,17 +76,9 @@ def test_bench_speed_writes_json_and_markdown(tmp_path, monkeypatch):
     assert not list(out.glob("*.tmp"))
 
 
-def test_bench_any_baselines_ttft_and_plot(tmp_path, monkeypatch):
+def test_bench_any_baselines_ttft_and_plot(tmp_path, in_process_memory):
     bench = bench_speed  # the --model entry point (once eval_harness.bench) is bench_speed's
 
-    monkeypatch.setattr(
-        bench_speed,
-        "measure_training_memory",
-        lambda columns, plan, threads, seed: {
-            name: bench_speed._training_memory_worker(name, cfg, plan, threads, seed, mode)
-            for name, (cfg, mode) in columns.items()
-        },
-    )
     folder = tmp_path / "model"
     bench_speed.HybridMambaForCausalLM(tiny_config(["mamba2", "attention"])).save_pretrained(folder)
     config = bench.resolve_config(str(folder))
@@ -130,18 +126,10 @@ def test_bench_scan_quick_writes_reference_and_fast_rows(tmp_path):
     assert "| 1 x 128 | ssd_scan | 32 | forward+backward |" in md
 
 
-def test_bench_modes_interleave_precision_and_compile(tmp_path, monkeypatch):
+def test_bench_modes_interleave_precision_and_compile(tmp_path, monkeypatch, in_process_memory):
     """--modes: every model in each mode, interleaved in one run; bf16 through autocast, +compile with a
     static cache for decode (traced with the eager backend here: same graphs, no C++ build)."""
     monkeypatch.setattr(bench_speed, "COMPILE_BACKEND", "eager")
-    monkeypatch.setattr(
-        bench_speed,
-        "measure_training_memory",
-        lambda columns, plan, threads, seed: {
-            name: bench_speed._training_memory_worker(name, cfg, plan, threads, seed, mode)
-            for name, (cfg, mode) in columns.items()
-        },
-    )
     plan = Plan(
         train_batch=1,
         train_seq=16,
@@ -204,18 +192,10 @@ def test_bench_bf16_mode_autocasts_and_compiled_decode_matches_eager(monkeypatch
             torch.testing.assert_close(out.logits[:, -1], ref[:, i], atol=1e-5, rtol=1e-5)
 
 
-def test_bench_onnx_decode_row(tmp_path, monkeypatch):
+def test_bench_onnx_decode_row(tmp_path, in_process_memory):
     """--onnx: ours exported and decoded by onnxruntime after the interleaved run, its logits checked."""
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
     pytest.importorskip("onnxscript", reason="the onnx extra is not installed")
-    monkeypatch.setattr(
-        bench_speed,
-        "measure_training_memory",
-        lambda columns, plan, threads, seed: {
-            name: bench_speed._training_memory_worker(name, cfg, plan, threads, seed, mode)
-            for name, (cfg, mode) in columns.items()
-        },
-    )
     plan = Plan(
         train_batch=1,
         train_seq=16,
