@@ -12,9 +12,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 
 from hybrid_mamba.common.cli import run_main
-from hybrid_mamba.configuration.configuration_hybrid_mamba import HybridMambaConfig
 from hybrid_mamba.hub_cards import onnx_export
 from hybrid_mamba.hub_cards.onnx_export import (
     ExportStep,
@@ -27,27 +27,15 @@ from hybrid_mamba.modeling.modeling_hybrid_mamba import HybridMambaForCausalLM, 
 
 TOL = 1e-4  # fp32; measured differences are ~1e-6 (torch.export) and ~5e-7 (onnxruntime)
 CHUNK = 8  # prefill chunk length of the exports here
-TINY = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    attn_layer_indices=[1],
-    mamba_head_dim=16,
-    mamba_d_state=16,
-    mamba_chunk_size=8,
-)
 LAYOUTS = {
-    "mamba2-rope": {},
-    "mamba1-nope": {"mamba_version": 1, "position_embedding_type": "none"},
+    "mamba2-rope": dict(layout=["mamba2", "attention", "mamba2", "mamba2"]),
+    "mamba1-nope": dict(layout=["mamba1", "attention", "mamba1", "mamba1"], position_embedding_type="none"),
 }
 
 
-def tiny_model(**overrides) -> HybridMambaForCausalLM:
+def tiny_model(layout=LAYOUTS["mamba2-rope"]["layout"], **overrides) -> HybridMambaForCausalLM:
     torch.manual_seed(0)
-    config = HybridMambaConfig(**TINY, **overrides)
+    config = tiny_config(layout, **overrides)
     config._attn_implementation = "sdpa"
     return HybridMambaForCausalLM(config).eval()
 
