@@ -20,6 +20,7 @@ Padding and packed sequences share one mechanism: tokens get segment ids (a new 
 convolution nor the scan crosses a segment boundary.
 """
 
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -230,6 +231,22 @@ def _padded(x, prefix, k):
     return torch.cat([prefix[..., prefix.shape[-1] - (k - 1) :].to(x.dtype), x], dim=-1)
 
 
+def _autocast_off(fn):
+    """`fn` with autocast off. Under bf16 autocast (mixed-precision training, or inference) the matmuls,
+    einsums and vecdots of a scan or of a decode step's state readout would run in bf16; the SSM
+    arithmetic stays fp32, in the dtype of the inputs it upcasts (the projections around it still autocast)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                with torch.autocast(a.device.type, enabled=False):
+                    return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def causal_conv1d_ref(x, weight, bias=None, prefix=None, seq_idx=None, silu=False):
     """Depthwise causal convolution. x (B, E, T), weight (E, K), prefix (B, E, >=K-1) earlier inputs.
 
@@ -252,6 +269,7 @@ def causal_conv1d_ref(x, weight, bias=None, prefix=None, seq_idx=None, silu=Fals
     return F.silu(out) if silu else out
 
 
+@_autocast_off
 def ssd_scan_ref(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=None):
     """Chunked SSD scan of Mamba-2 (the quadratic-within-chunk, linear-across-chunks form).
 
@@ -644,7 +662,9 @@ class SSDChunkScan(torch.autograd.Function):
             out = torch.empty(b, c, L, h, p, dtype=x.dtype, device=x.device)
             out = chunks.unpad(torch.add(y.transpose(2, 3), y_in, out=out))
         if D is not None:
-            out.addcmul_(x, D[:, None])
+            # out of place when compiling: torch 2.11's AOTAutograd drops every gradient of a Function whose
+            # output was modified in place in forward (tests/test_compile.py; fixed by 2.13)
+            out = out + x * D[:, None] if torch.compiler.is_compiling() else out.addcmul_(x, D[:, None])
         # y_in is kept for its log-decay gradient: recomputing it would cost a state-sized matmul
         ctx.save_for_backward(x, dt, A, B, C, D, states, y_in if any(ctx.needs_input_grad) else None, seq_idx)
         ctx.chunk_size, ctx.has_initial_state = chunk_size, initial_state is not None
@@ -794,6 +814,7 @@ def rms_norm(x, weight, gate=None, eps=1e-6, group_size=None):
     return rms_norm_ref(x, weight, gate, eps, group_size)
 
 
+@_autocast_off
 def selective_scan(u, delta, A, B, C, D=None, initial_state=None, seq_idx=None, chunk_size=64):
     """Selective scan of Mamba-1 without a loop over tokens: the Mamba-1 mixer's scan under both
     `mamba_ops` (plain autograd; tested against the token-by-token recurrence). On CUDA, mamba-ssm's
@@ -1146,6 +1167,7 @@ class HybridMamba2Mixer(_MambaMixerBase):
         y = self.norm(y.to(hidden_states.dtype), z)
         return self.out_proj(y), final, xBC_in
 
+    @_autocast_off
     def _step(self, xBC, dt, A, cache, state):
         """One decode step with the recurrent form; cost independent of the context length."""
         b = xBC.shape[0]
@@ -1228,11 +1250,7 @@ class HybridMamba1Mixer(_MambaMixerBase):
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(self.dt_proj(dt).float())  # (B, T, E); the module call keeps adapters on dt_proj active
         if step:
-            decay = torch.exp(dt[:, 0, :, None] * A)  # (B, E, N)
-            new_state = state.float() * decay + (dt[:, 0] * x[:, 0].float())[..., None] * B[:, 0, None].float()
-            cache.update_recurrent_state(new_state.to(state.dtype), self.layer_idx)
-            y = (new_state @ C[:, 0, :, None].float()).squeeze(-1) + x[:, 0].float() * self.D.float()
-            y = y.unsqueeze(1)
+            y = self._step(x, dt, A, B, C, cache, state)
         elif _use_kernels(self, x) and selective_scan_fn is not None and seq_idx is None and state is None:
             y, final = selective_scan_fn(
                 x.transpose(1, 2),
@@ -1252,6 +1270,15 @@ class HybridMamba1Mixer(_MambaMixerBase):
                 cache.update_recurrent_state(final, self.layer_idx)
         y = y.to(hidden_states.dtype) * F.silu(z)
         return self.out_proj(y)
+
+    @_autocast_off
+    def _step(self, x, dt, A, B, C, cache, state):
+        """One decode step of the recurrence: x (B, 1, E), dt (B, 1, E) fp32, B and C (B, 1, N); y (B, 1, E) fp32."""
+        decay = torch.exp(dt[:, 0, :, None] * A)  # (B, E, N)
+        new_state = state.float() * decay + (dt[:, 0] * x[:, 0].float())[..., None] * B[:, 0, None].float()
+        cache.update_recurrent_state(new_state.to(state.dtype), self.layer_idx)
+        y = (new_state @ C[:, 0, :, None].float()).squeeze(-1) + x[:, 0].float() * self.D.float()
+        return y.unsqueeze(1)
 
 
 MIXER_CLASSES = {"attention": HybridMambaAttention, "mamba1": HybridMamba1Mixer, "mamba2": HybridMamba2Mixer}
