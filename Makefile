@@ -28,7 +28,7 @@ VLLM_VENV ?= .venv-vllm
 LOCK_VENV ?= $(or $(TMPDIR),/tmp)/hybrid-mamba-lock-venv
 COMPAT_DIR ?= $(or $(TMPDIR),/tmp)/hybrid-mamba-compat
 
-.PHONY: install check format test test-fast demo bench gguf-install vllm-install lock test-compat clean-venv
+.PHONY: install check format test test-fast test-gpu demo bench gguf-install vllm-install lock test-compat clean-venv
 
 $(VENV)/.installed: setup.py pyproject.toml $(TORCH_CONSTRAINT) $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ test: $(VENV)/.installed
 # The inner loop: everything but the tests marked slow (those that start subprocesses or `accelerate launch`).
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+# On a CUDA machine: the GPU tests (pure-torch path against the CPU, bf16 autocast, inductor, QLoRA, FSDP2
+# through accelerate launch; mamba-ssm kernels when installed). Elsewhere they skip.
+test-gpu: $(VENV)/.installed
+	$(PY) -m pytest tests/test_cuda.py tests/test_mixed_precision.py tests/test_kernels.py -rs $(PYTEST_ARGS)
 
 # Data preparation (cached when nothing changed), then pretraining of the tiny preset on 2 CPU
 # cores; prints the validation loss against the unigram baseline and a sample.

@@ -692,8 +692,13 @@ def _header(results: dict) -> list[str]:
     return [
         f"# Speed ({m.get('device', 'cpu')}): " + " vs ".join(results["parameters"]),
         "",
-        f"`{results['command']}` on {m['cpu']} ({m['platform']}), {m['threads']} threads, "
-        f"torch {m['torch']}, transformers {m['transformers']}, {m['date']}, commit {m['git_commit']}.",
+        f"`{results['command']}` on "
+        + (
+            f"{m['gpu']} (host {m['cpu']}), "
+            if m.get("gpu")
+            else f"{m['cpu']} ({m['platform']}), {m['threads']} threads, "
+        )
+        + f"torch {m['torch']}, transformers {m['transformers']}, {m['date']}, commit {m['git_commit']}.",
         _modes_note(results.get("modes", ["fp32"]))
         + " Random init; warmup iterations excluded. "
         + " ".join(BASELINE_NOTES[n] for n in results["parameters"] if n in BASELINE_NOTES)

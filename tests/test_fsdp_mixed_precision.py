@@ -46,8 +46,11 @@ def _worker(out_path: str) -> None:
         "mixed_precision": accelerator.mixed_precision,
         "native_amp": accelerator.native_amp,
         "loop_policy": repr(plugin.mixed_precision_policy),
+        "num_processes": accelerator.num_processes,
+        "device": accelerator.device.type,
     }
-    assert accelerator.distributed_type == DistributedType.FSDP and accelerator.num_processes == 2
+    device_type = accelerator.device.type
+    assert accelerator.distributed_type == DistributedType.FSDP
     # loop.py's CPU plugin gets the policy accelerate builds for an FSDP plugin on GPUs
     assert plugin.mixed_precision_policy is not None
     result["policy"] = repr(plugin.mixed_precision_policy)
@@ -74,8 +77,8 @@ def _worker(out_path: str) -> None:
             if len(seen) >= 3:  # the forward; activation checkpointing runs the mixers again in backward
                 return
             kind = next(c.__name__ for c in MAMBA_MIXERS if isinstance(mixer, c))  # FSDP2 subclasses the mixer
-            row = {"mixer": kind, "autocast": torch.is_autocast_enabled("cpu")}
-            row["autocast_dtype"] = str(torch.get_autocast_dtype("cpu"))
+            row = {"mixer": kind, "autocast": torch.is_autocast_enabled(device_type)}
+            row["autocast_dtype"] = str(torch.get_autocast_dtype(device_type))
             for name in SSM_PARAMS[kind]:
                 p = mixer.get_parameter(name)
                 row[name] = str(p.dtype)
@@ -95,7 +98,8 @@ def _worker(out_path: str) -> None:
         hooks = [m.register_forward_pre_hook(record) for m in mixers]
         hooks += [m.in_proj.register_forward_pre_hook(record_proj_weight) for m in mixers]
         hooks += [m.in_proj.register_forward_hook(record_proj_output) for m in mixers]
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        batch = ids.to(accelerator.device)
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
         accelerator.backward(loss)
         for h in hooks:
             h.remove()
@@ -116,7 +120,7 @@ def _worker(out_path: str) -> None:
             "a_log_grad": grad_norm,
             "a_log_grad_dtype": str(grad.dtype) if grad is not None else None,
             "a_log_updated": not torch.equal(before, after),
-            "a_log_matches_rank0": bool(torch.equal(before, first_a_log)),  # read on rank 0
+            "a_log_matches_rank0": bool(torch.equal(before.cpu(), first_a_log)),  # read on rank 0
             "units": [  # FSDP2 units in each mixer: name -> param_dtype
                 {
                     name or "mixer": str(sub._get_fsdp_state()._fsdp_param_group.mp_policy.param_dtype)
@@ -152,7 +156,12 @@ def test_mamba_ssm_parameters_stay_fp32_under_fsdp2_bf16(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.loads(out.read_text())
+    assert result["num_processes"] == 2 and result["device"] == "cpu"
+    check_fsdp_mixed_precision(result)
 
+
+def check_fsdp_mixed_precision(result: dict) -> None:
+    """What the worker recorded, under any number of processes and on any device."""
     assert result["distributed_type"] == "DistributedType.FSDP" and result["fsdp_version"] == 2
     assert result["mixed_precision"] == "bf16" and result["native_amp"]
     assert "param_dtype=torch.bfloat16" in result["policy"]
