@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -346,3 +347,33 @@ def test_summary_json_has_one_writer_and_takes_the_callers_keys(tmp_path, tiny_d
     assert written == summary and list(written)[-1] == "unigram_baseline_val_loss"
     assert written["steps"] == 2 and written["best_step"] == 2
     assert not list(run.glob("*.tmp"))
+
+
+def test_packed_data_with_a_labels_column_takes_the_loss_only_there(tmp_path):
+    """A DATA split may carry `labels` (-100 where no loss is taken, as the synthetic tasks write them):
+    the batches and the unigram baseline use them; without the column every token is a target."""
+    from conftest import write_tiny_data
+    from datasets import load_from_disk
+
+    from hybrid_mamba.trainers.data import unigram_baseline
+
+    data = write_tiny_data(tmp_path / "data")
+    plain_train, plain_val, tok = load_packed(str(data))
+    plain = collate_packed([plain_train[0], plain_train[1]])
+    assert torch.equal(plain["labels"], plain["input_ids"])
+    for split in ("train", "validation"):
+        ds = load_from_disk(str(data / split))
+        # targets: every third position only
+        labels = [[t if i % 3 == 0 else -100 for i, t in enumerate(row)] for row in ds["input_ids"]]
+        ds.add_column("labels", labels).save_to_disk(str(tmp_path / "labelled" / split))
+    shutil.copytree(data / "tokenizer", tmp_path / "labelled" / "tokenizer")
+    train_ds, val_ds, _ = load_packed(str(tmp_path / "labelled"))
+    batch = collate_packed([train_ds[0], train_ds[1]])
+    assert torch.equal(batch["input_ids"], plain["input_ids"])
+    keep = torch.arange(batch["labels"].shape[1]) % 3 == 0
+    assert torch.equal(batch["labels"][:, keep], batch["input_ids"][:, keep])
+    assert (batch["labels"][:, ~keep] == -100).all()
+    # the baseline is scored on the target positions only: different from the all-token one, and finite
+    full = unigram_baseline(plain_train, plain_val, len(tok))
+    targets = unigram_baseline(train_ds, val_ds, len(tok))
+    assert math.isfinite(targets) and targets != full

@@ -10,6 +10,9 @@ from torch.utils.data import Sampler
 from transformers import AutoTokenizer
 
 COLUMNS = ("input_ids", "position_ids")
+# Optional: per-token targets with -100 where no loss is taken (a task's answer tokens only, as the
+# synthetic tasks of data_scripts.synthetic write them); without it every token is a target.
+LABELS = "labels"
 
 
 def load_packed(data_dir: str):
@@ -28,7 +31,8 @@ def load_packed(data_dir: str):
             raise ValueError(f"{root / name} has no column(s) {absent}; columns are {ds.column_names}.")
         if len(ds) == 0:
             raise ValueError(f"{root / name} is empty.")
-        splits.append(ds.with_format("torch", columns=list(COLUMNS)))
+        columns = list(COLUMNS) + ([LABELS] if LABELS in ds.column_names else [])
+        splits.append(ds.with_format("torch", columns=columns))
     tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
     return splits[0], splits[1], tokenizer
 
@@ -36,7 +40,8 @@ def load_packed(data_dir: str):
 def collate_packed(rows: list[dict]) -> dict:
     input_ids = torch.stack([r["input_ids"] for r in rows]).long()
     position_ids = torch.stack([r["position_ids"] for r in rows]).long()
-    return {"input_ids": input_ids, "position_ids": position_ids, "labels": input_ids}
+    labels = torch.stack([r[LABELS] for r in rows]).long() if LABELS in rows[0] else input_ids
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
 
 
 class EpochSampler(Sampler):
@@ -60,11 +65,18 @@ class EpochSampler(Sampler):
 
 
 def unigram_baseline(train, validation, vocab_size: int, max_tokens: int = 20_000_000) -> float:
-    """Cross-entropy (nats/token) on validation of the train split's unigram distribution (add-one)."""
+    """Cross-entropy (nats/token) on validation of the train split's unigram distribution (add-one),
+    over the target tokens (those of a `labels` column where there is one)."""
+
+    def targets(batch, column):
+        ids = np.asarray(batch[column])[:, 1:]  # the positions the model is scored on
+        return ids[ids != -100]
+
+    column = LABELS if LABELS in train.column_names else "input_ids"
     counts = np.zeros(vocab_size, dtype=np.float64)
     seen = 0
     for batch in train.with_format("numpy").iter(batch_size=1024):
-        ids = np.asarray(batch["input_ids"]).ravel()
+        ids = targets(batch, column)
         counts += np.bincount(ids, minlength=vocab_size)[:vocab_size]
         seen += ids.size
         if seen >= max_tokens:
@@ -72,7 +84,7 @@ def unigram_baseline(train, validation, vocab_size: int, max_tokens: int = 20_00
     logp = np.log((counts + 1) / (counts.sum() + vocab_size))
     total, n = 0.0, 0
     for batch in validation.with_format("numpy").iter(batch_size=1024):
-        ids = np.asarray(batch["input_ids"])[:, 1:].ravel()  # the positions the model is scored on
+        ids = targets(batch, LABELS if LABELS in validation.column_names else "input_ids")
         total -= logp[ids].sum()
         n += ids.size
     return total / max(n, 1) if n else math.nan
