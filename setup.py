@@ -5,7 +5,7 @@ first (the Makefile does: ``pip install torch==2.13.0`` with ``requirements/cpu.
 constraint), otherwise pip resolves the newest torch with its CUDA wheels.
 
 Ranges, not pins: `make` installs the tested versions from requirements/lock.txt. The floors of
-transformers, peft, accelerate, datasets and lm-eval are run by `make test-compat` (docs/compat.md,
+torch, transformers, peft, accelerate, datasets and lm-eval are run by `make test-compat` (docs/compat.md,
 which requirements/compat.py reads them from); the other packages' floors are not run there (that
 environment resolves their current releases).
 """
@@ -26,7 +26,7 @@ PACKAGE_DATA = {
 }
 
 install_requires = [
-    "torch>=2.4,<3",
+    "torch>=2.9.1,<3",
     "transformers>=5.21,<6",
     "accelerate>=1.10",
     "datasets>=4.0",

