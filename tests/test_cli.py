@@ -38,6 +38,7 @@ CASES = [
         ["--models", "{tmp}/m", "--tasks", "offline", "--include_path", "{tmp}/missing", "--out", "{tmp}/out"],
         "is not a folder",
     ),
+    ("eval_harness.study", ["--spec", "{tmp}/missing.yaml", "--out", "{tmp}/out"], "does not exist"),
     ("modeling.convert", ["--src", "{tmp}/missing", "--out", "{tmp}/out"], "has no config.json"),
     ("hub_cards.publish", ["--model", "{tmp}/missing", "--to", "{tmp}/repo"], "neither config.json"),
     ("hub_cards.reload", ["--repo", "{tmp}/missing", "--clone", "{tmp}/clone"], "git clone"),
@@ -50,6 +51,12 @@ CASES = [
         ["--model", "{tmp}/missing", "--gguf", "{tmp}/missing", "--out", "{tmp}/out"],
         "does not exist",
     ),
+    (
+        "data_scripts.synthetic",
+        ["--task", "mqar", "--output", "{tmp}/out", "--options", "num_queries: 9"],
+        "num_queries",
+    ),
+    ("eval_harness.synthetic_eval", ["--data", "{tmp}/missing", "--lm_eval_tasks", "{tmp}/out"], "not found"),
 ]
 # Entry points without an input to get wrong (a stray flag is argparse's usage error).
 NO_INPUT = {"trainers.demo_data.make_demo_data"}
