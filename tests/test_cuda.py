@@ -23,6 +23,7 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_config, write_tiny_data
+from test_compile import _grads
 
 from hybrid_mamba.modeling import HybridMambaForCausalLM
 
@@ -70,14 +71,6 @@ def test_gpu_fp32_matches_cpu(layout):
     want = cpu.generate(ids[:, :12], max_new_tokens=12, do_sample=False)
     got = gpu.generate(ids[:, :12].cuda(), max_new_tokens=12, do_sample=False)
     assert got.cpu().tolist() == want.tolist()
-
-
-def _grads(model, params, **kwargs):
-    for p in params:
-        p.grad = None
-    loss = model(**kwargs).loss
-    loss.backward()
-    return loss.detach(), [p.grad.clone() for p in params]
 
 
 def test_inductor_fullgraph_training_matches_eager():
@@ -172,19 +165,10 @@ def test_fsdp2_bf16_keeps_ssm_parameters_fp32_on_gpu(tmp_path):
 def test_fsdp2_pretraining_checkpoints_and_resumes_on_gpu(tmp_path):
     data = write_tiny_data(tmp_path / "data")
     run = tmp_path / "run"
-    base = dict(
-        data_dir=str(data),
-        output_dir=str(run),
-        model_preset="debug",
-        model_overrides={"mamba_chunk_size": 16, "use_mamba_kernels": False},
-        micro_batch_size=4,
-        warmup_steps=2,
-        learning_rate=3e-3,
-        eval_every=4,
-        checkpoint_every=4,
-        log_every=1,
-        sample_tokens=5,
-    )
+    from test_trainer import BASE  # the trainer tests' tiny run
+
+    overrides = {**BASE["model_overrides"], "use_mamba_kernels": False}
+    base = {**BASE, "data_dir": str(data), "output_dir": str(run), "model_overrides": overrides}
     for steps in (8, 12):  # the second run resumes from step 8's sharded checkpoint
         (tmp_path / "pretrain.yaml").write_text(yaml.safe_dump({**base, "max_steps": steps}))
         proc = _launch(
