@@ -56,8 +56,10 @@ extras_require = {
     "serving": ["transformers[serving]>=5.21,<6", "openai>=1.98"],
     # hub_cards/onnx_export.py: torch.onnx's dynamo exporter (onnx, onnxscript) and the CPU runtime
     "onnx": ["onnx>=1.18", "onnxscript>=0.5", "onnxruntime>=1.22"],
+    # hub_cards/quantize.py: int8 weight-only quantization (torchao's quantize_, saved as safetensors)
+    "torchao": ["torchao>=0.18"],
     # bitsandbytes runs 4-bit/8-bit on CPU too: in dev so the QLoRA guard tests run everywhere; serving so
-    # tests/test_serve.py does, onnx so tests/test_onnx_export.py does.
+    # tests/test_serve.py does, onnx so tests/test_onnx_export.py does, torchao so tests/test_quantize.py does.
     "dev": [
         "pytest>=8",
         "matplotlib>=3.8",
@@ -68,6 +70,7 @@ extras_require = {
         "onnx>=1.18",
         "onnxscript>=0.5",
         "onnxruntime>=1.22",
+        "torchao>=0.18",
     ],
 }
 
