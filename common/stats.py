@@ -67,6 +67,24 @@ def paired(differences: Sequence[float | None]) -> dict:
     return out
 
 
+def format_number(x: float | None) -> str:
+    """Four significant digits ('-' for None), in exponent form from 1e4 up."""
+    if x is None:
+        return "-"
+    return f"{x:.4g}" if abs(x) < 1e4 else f"{x:.4e}"
+
+
+def format_cell(s: dict | None) -> str:
+    """A summarize() result as a results-table cell: 'mean ± stderr [low, high] (n=N)' in `format_number`'s
+    digits; 'mean (n=1)' without an interval, '-' without a mean."""
+    if s is None or s["mean"] is None:
+        return "-"
+    if s["ci95"] is None:
+        return f"{format_number(s['mean'])} (n={s['n']})"
+    low, high = s["ci95"]
+    return f"{format_number(s['mean'])} ± {format_number(s['stderr'])} [{format_number(low)}, {format_number(high)}] (n={s['n']})"
+
+
 def format_summary(s: dict, spec: str = ".4f", spread: str = "std") -> str:
     """'mean ± spread [low, high]' of a summarize() result ('mean (n=1)' without an interval, '-' without a mean)."""
     if s["mean"] is None:

@@ -65,6 +65,14 @@ class SpecError(ValueError):
     """A task spec that cannot be built; the message names the field and what to change."""
 
 
+def _eval_lengths(*lengths: int):
+    """The `eval_lengths` field with its default."""
+    return field(
+        default_factory=lambda: list(lengths),
+        metadata={"help": "Example lengths of test/; those above max(train_lengths) measure extrapolation."},
+    )
+
+
 @dataclass
 class TaskSpec(ABC):
     """Fields every task shares. Lengths count tokens, ``<s>`` included."""
@@ -77,10 +85,7 @@ class TaskSpec(ABC):
         default_factory=lambda: [64, 128],
         metadata={"help": "Example lengths of train/ and validation/, each drawn uniformly (mixed lengths)."},
     )
-    eval_lengths: list[int] = field(
-        default_factory=lambda: [64, 128, 256],
-        metadata={"help": "Example lengths of test/; those above max(train_lengths) measure extrapolation."},
-    )
+    eval_lengths: list[int] = _eval_lengths(64, 128, 256)
     block_len: int = field(default=256, metadata={"help": "Packed block length of train/ and validation/."})
 
     def __post_init__(self):
@@ -201,10 +206,7 @@ class InductionSpec(TaskSpec):
     """Induction heads: the token after a trigger's first occurrence, recalled at its second."""
 
     vocab_size: int = field(default=16, metadata={"help": "Random token vocabulary size (symbols t0, t1, ...)."})
-    eval_lengths: list[int] = field(
-        default_factory=lambda: [64, 128, 256, 512],
-        metadata={"help": "Example lengths of test/; those above max(train_lengths) measure extrapolation."},
-    )
+    eval_lengths: list[int] = _eval_lengths(64, 128, 256, 512)  # recall far past training
 
     def __post_init__(self):
         _need("vocab_size", self.vocab_size, 2)
@@ -233,10 +235,7 @@ class PasskeySpec(TaskSpec):
     """Pass key retrieval: a digit key hidden at a random depth of filler text, asked for at the end."""
 
     num_digits: int = field(default=5, metadata={"help": "Digits of the pass key, one token each."})
-    eval_lengths: list[int] = field(
-        default_factory=lambda: [64, 128, 256, 512],
-        metadata={"help": "Example lengths of test/; those above max(train_lengths) measure extrapolation."},
-    )
+    eval_lengths: list[int] = _eval_lengths(64, 128, 256, 512)  # recall far past training
 
     def __post_init__(self):
         _need("num_digits", self.num_digits, 1)

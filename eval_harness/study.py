@@ -73,8 +73,7 @@ import yaml
 
 from hybrid_mamba.common.args import load_dataclass, parse_args, read_yaml_mapping
 from hybrid_mamba.common.files import save_figure, write_json_atomic, write_text_atomic
-from hybrid_mamba.common.stats import summarize
-from hybrid_mamba.eval_harness.sweep import _fmt
+from hybrid_mamba.common.stats import format_cell, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -897,15 +896,6 @@ def aggregate(results: list[dict]) -> list[dict]:
     return out
 
 
-def _cell_text(s: dict | None) -> str:
-    """A summarize() result as `mean ± stderr [low, high] (n=...)` (the sweep's number format)."""
-    if s is None or s["mean"] is None:
-        return "-"
-    if s["ci95"] is None:
-        return f"{_fmt(s['mean'])} (n={s['n']})"
-    return f"{_fmt(s['mean'])} ± {_fmt(s['stderr'])} [{_fmt(s['ci95'][0])}, {_fmt(s['ci95'][1])}] (n={s['n']})"
-
-
 def _length_of(metric: str) -> int | None:
     """The test length L of a `len<L>/...` metric name, else None."""
     m = re.match(r"len(\d+)/", metric)
@@ -964,7 +954,7 @@ def markdown_report(spec: StudySpec, agg: list[dict], results: list[dict], plan:
             lines += [f"## {task}: {title}", "", "| layout | width | " + " | ".join(cols) + " |"]
             lines.append("|---|---:|" + "---|" * len(cols))
             for layout, width in rows:
-                vals = [_cell_text(lookup.get((layout, width, m))) for m in metrics]
+                vals = [format_cell(lookup.get((layout, width, m))) for m in metrics]
                 lines.append(f"| {layout} | {width} | " + " | ".join(vals) + " |")
             lines.append("")
     failed = [r for r in results if r.get("status") != "ok"]

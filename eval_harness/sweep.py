@@ -33,7 +33,7 @@ from typing import Any
 from hybrid_mamba.common.args import parse_args
 from hybrid_mamba.common.files import save_figure, write_json_atomic, write_text_atomic
 from hybrid_mamba.common.lm_eval_results import metric_values
-from hybrid_mamba.common.stats import summarize
+from hybrid_mamba.common.stats import format_cell, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -186,12 +186,6 @@ def aggregate(cells: dict[tuple[str, str, int], dict]) -> dict[str, dict[str, di
     return out
 
 
-def _fmt(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return f"{x:.4g}" if abs(x) < 1e4 else f"{x:.4e}"
-
-
 def markdown_table(agg: dict, skipped: dict[str, str], errors: list[dict], models: list[str] | None = None) -> str:
     """Rows (task, metric), one column per model: mean ± stderr [95% interval] (n seeds)."""
     models = models or list(agg)
@@ -200,15 +194,7 @@ def markdown_table(agg: dict, skipped: dict[str, str], errors: list[dict], model
     for task, metric in rows:
         cells = []
         for mod in models:
-            s = agg.get(mod, {}).get(task, {}).get(metric)
-            if s is None:
-                cells.append("-")
-            elif s["ci95"] is None:
-                cells.append(f"{_fmt(s['mean'])} (n={s['n']})")
-            else:
-                cells.append(
-                    f"{_fmt(s['mean'])} ± {_fmt(s['stderr'])} [{_fmt(s['ci95'][0])}, {_fmt(s['ci95'][1])}] (n={s['n']})"
-                )
+            cells.append(format_cell(agg.get(mod, {}).get(task, {}).get(metric)))
         lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n\nmean ± standard error across seeds [95% t-interval]\n"
     if skipped:

@@ -297,3 +297,9 @@ def test_serve_process_that_exits_reports_its_last_lines(tmp_path):
     with pytest.raises(ServeError, match=r"test server exited with status 3 before answering: .*no such model: x"):
         with serve_process(cmd, "test server", "127.0.0.1", port, tmp_path / "log", startup_timeout=60):
             pass
+
+
+def test_format_cell_is_the_results_table_format():
+    assert stats.format_cell(stats.summarize([1.0, 2.0, 3.0])) == "2 ± 0.5774 [-0.4841, 4.484] (n=3)"
+    assert stats.format_cell(stats.summarize([12345.0])) == "1.2345e+04 (n=1)"
+    assert stats.format_cell(stats.summarize([None])) == "-" and stats.format_cell(None) == "-"
