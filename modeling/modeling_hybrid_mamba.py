@@ -7,10 +7,10 @@ Notation in shape comments: B batch, T tokens, D hidden size, H heads, P head si
 N state size, K conv width, C chunks, L chunk length.
 
 Pure-torch mixers always work. The operators come in two sets with the same contracts: the readable
-references ``causal_conv1d_ref``, ``ssd_scan_ref`` and ``rms_norm_ref`` (read them first), and the fast
-``causal_conv1d``, ``ssd_scan`` and ``rms_norm``, the same arithmetic with hand-written backwards that
-keep only their inputs, tested against the references (values, gradients, gradcheck). Mamba-1's
-``selective_scan`` serves both. ``config.mamba_ops`` ("fast", the default, or "reference") picks the set
+references ``causal_conv1d_ref``, ``ssd_scan_ref``, ``selective_scan_ref`` and ``rms_norm_ref`` (read
+them first), and the fast ``causal_conv1d``, ``ssd_scan``, ``selective_scan`` and ``rms_norm``, the same
+arithmetic with hand-written backwards that keep only their inputs, tested against the references (values,
+gradients, gradcheck). ``config.mamba_ops`` ("fast", the default, or "reference") picks the set
 in ``MAMBA_OPS``. On CUDA, mamba-ssm and causal-conv1d kernels replace the fast operators when importable
 (``config.use_mamba_kernels``); flash-attn through transformers' ``attn_implementation``. Kernels never read the weight of a projection: ``in_proj``, ``out_proj``,
 ``x_proj`` and ``dt_proj`` are always called as modules, so PEFT adapters on them take effect.
@@ -815,10 +815,9 @@ def rms_norm(x, weight, gate=None, eps=1e-6, group_size=None):
 
 
 @_autocast_off
-def selective_scan(u, delta, A, B, C, D=None, initial_state=None, seq_idx=None, chunk_size=64):
-    """Selective scan of Mamba-1 without a loop over tokens: the Mamba-1 mixer's scan under both
-    `mamba_ops` (plain autograd; tested against the token-by-token recurrence). On CUDA, mamba-ssm's
-    `selective_scan_fn` replaces it when there are no segments and no initial state.
+def selective_scan_ref(u, delta, A, B, C, D=None, initial_state=None, seq_idx=None, chunk_size=64):
+    """Selective scan of Mamba-1 without a loop over tokens, in plain autograd (tested against the
+    token-by-token recurrence): the reference, and the fast set's scan under torch.compile.
 
     u, delta (B, T, E), A (E, N) negative, B and C (B, T, N), D (E,), initial_state (B, E, N).
     Within a chunk the linear recurrence h_t = a_t h_{t-1} + b_t is solved by log-depth doubling
@@ -850,6 +849,109 @@ def selective_scan(u, delta, A, B, C, D=None, initial_state=None, seq_idx=None, 
     return y, state
 
 
+class SelectiveScan(torch.autograd.Function):
+    """`selective_scan_ref` with a hand-written backward, token by token.
+
+    Per chunk of L tokens the decays exp(dt A) and inputs dt u B are formed at once (L, B, E, N), then
+    the recurrence h_t = a_t h_{t-1} + b_t runs one token at a time on (B, E, N) states that stay in
+    cache: one fused multiply-add per token instead of the log-depth doubling's full-size passes. Only
+    the inputs and the state at each chunk start are kept; the backward recomputes a chunk's states and
+    runs the adjoint recurrence dh_t = C_t dy_t + a_{t+1} dh_{t+1} backwards through it. Float32 inputs.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, initial_state, start, chunk_size):
+        b, t, e = u.shape
+        state = initial_state if initial_state is not None else u.new_zeros(b, e, A.shape[-1])
+        time_major = [x.transpose(0, 1) for x in (u, delta, B, C)]  # (T, B, ...)
+        start_t = start.transpose(0, 1) if start is not None else None
+        y = u.new_empty(t, b, e)
+        chunk_starts = []
+        for s in range(0, t, chunk_size):
+            chunk_starts.append(state)
+            hs, _, _ = SelectiveScan._states(time_major, A, start_t, state, s, chunk_size)  # (L, B, E, N)
+            y[s : s + hs.shape[0]] = torch.matmul(hs, time_major[3][s : s + hs.shape[0]].unsqueeze(-1)).squeeze(-1)
+            state = hs[-1].clone()
+        y = y.transpose(0, 1)
+        if D is not None:
+            y = y + u * D
+        ctx.save_for_backward(u, delta, A, B, C, D, start, *chunk_starts)
+        ctx.chunk_size = chunk_size
+        return y.contiguous(), state
+
+    @staticmethod
+    def _states(time_major, A, start_t, state, s, chunk_size):
+        """States h_s .. h_{s+L-1} of one chunk from the state before it; also its decays and dt u."""
+        u, delta, B = time_major[0][s : s + chunk_size], time_major[1][s : s + chunk_size], time_major[2]
+        a = torch.exp(delta.unsqueeze(-1) * A)  # (L, B, E, N)
+        if start_t is not None:  # a new segment starts from a zero state
+            a = a.masked_fill(start_t[s : s + chunk_size, :, None, None], 0.0)
+        du = delta * u
+        inp = du.unsqueeze(-1) * B[s : s + chunk_size].unsqueeze(2)
+        hs = torch.empty_like(inp)
+        h = state
+        for i in range(inp.shape[0]):
+            h = torch.addcmul(inp[i], a[i], h, out=hs[i])
+        return hs, a, du
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, dfinal):
+        u, delta, A, B, C, D, start, *chunk_starts = ctx.saved_tensors
+        chunk_size = ctx.chunk_size
+        time_major = [x.transpose(0, 1) for x in (u, delta, B, C)]
+        start_t = start.transpose(0, 1) if start is not None else None
+        dy_t = dy.transpose(0, 1)
+        du, ddelta = torch.empty_like(time_major[0]), torch.empty_like(time_major[1])
+        dB, dC = torch.empty_like(time_major[2]), torch.empty_like(time_major[3])
+        dA = torch.zeros_like(A)
+        carry = dfinal if dfinal is not None else torch.zeros_like(chunk_starts[0])  # a_{t+1} dh_{t+1}
+        for index in reversed(range(len(chunk_starts))):
+            s = index * chunk_size
+            hs, a, du_chunk = SelectiveScan._states(time_major, A, start_t, chunk_starts[index], s, chunk_size)
+            n = hs.shape[0]
+            dyc, Bc = dy_t[s : s + n], time_major[2][s : s + n]
+            dh = dyc.unsqueeze(-1) * time_major[3][s : s + n].unsqueeze(2)  # C_t dy_t, (L, B, E, N)
+            dh[n - 1] += carry
+            for i in range(n - 2, -1, -1):
+                dh[i].addcmul_(a[i + 1], dh[i + 1])
+            carry = a[0] * dh[0]
+            dC[s : s + n] = torch.matmul(dyc.unsqueeze(-2), hs).squeeze(-2)
+            d_du = torch.matmul(dh, Bc.unsqueeze(-1)).squeeze(-1)  # d(dt u), (L, B, E)
+            dB[s : s + n] = torch.matmul(du_chunk.unsqueeze(-2), dh).squeeze(-2)
+            h_prev = torch.cat([chunk_starts[index].unsqueeze(0), hs[:-1]])
+            dlog = dh.mul_(h_prev).mul_(a)  # d(dt A)
+            ddelta[s : s + n] = d_du * time_major[0][s : s + n] + (dlog * A).sum(-1)
+            dA += torch.einsum("lben,lbe->en", dlog, time_major[1][s : s + n])
+            du[s : s + n] = d_du * time_major[1][s : s + n]
+        du, ddelta, dB, dC = (x.transpose(0, 1) for x in (du, ddelta, dB, dC))
+        dD = None
+        if D is not None:
+            du = du + dy * D
+            dD = (dy * u).sum((0, 1))
+        d_init = carry if ctx.needs_input_grad[6] else None
+        return du, ddelta, dA, dB, dC, dD, d_init, None, None
+
+
+@_autocast_off
+def selective_scan(u, delta, A, B, C, D=None, initial_state=None, seq_idx=None, chunk_size=64):
+    """Selective scan of Mamba-1: `selective_scan_ref`'s contract, computed by `SelectiveScan` (eagerly;
+    under torch.compile the reference, whose tensor-wide doubling compiles without unrolling a token loop).
+    On CUDA, mamba-ssm's `selective_scan_fn` replaces it when there are no segments and no initial state.
+
+    u, delta (B, T, E), A (E, N) negative, B and C (B, T, N), D (E,), initial_state (B, E, N).
+    Returns y (B, T, E) and the final state (B, E, N), float32.
+    """
+    if torch.compiler.is_compiling():
+        return selective_scan_ref(u, delta, A, B, C, D, initial_state, seq_idx, chunk_size)
+    start = None
+    if seq_idx is not None:
+        start = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0), value=False)
+    D = D.float() if D is not None else None
+    init = initial_state.float() if initial_state is not None else None
+    return SelectiveScan.apply(u.float(), delta.float(), A.float(), B.float(), C.float(), D, init, start, chunk_size)
+
+
 @dataclass(frozen=True)
 class MambaOps:
     """One implementation of each operator family the Mamba mixers and the norms call; both sets keep
@@ -862,10 +964,10 @@ class MambaOps:
 
 
 # `config.mamba_ops` picks one. "reference" runs the readable operators (a fast one under suspicion is
-# ruled out by switching to it) and never the CUDA kernels; Mamba-1's scan is the same in both.
+# ruled out by switching to it) and never the CUDA kernels. Under torch.compile the fast Mamba-1 scan is the reference too.
 MAMBA_OPS = {
     "fast": MambaOps(causal_conv1d, ssd_scan, selective_scan, rms_norm),
-    "reference": MambaOps(causal_conv1d_ref, ssd_scan_ref, selective_scan, rms_norm_ref),
+    "reference": MambaOps(causal_conv1d_ref, ssd_scan_ref, selective_scan_ref, rms_norm_ref),
 }
 
 
@@ -1629,6 +1731,7 @@ __all__ = [
     "ssd_scan",
     "rms_norm",
     "selective_scan",
+    "selective_scan_ref",
     "segment_ids",
     "write_remote_code",
 ]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hybrid_mamba.modeling.modeling_hybrid_mamba import (
     MAMBA_OPS,
     RMSNormFunction,
+    SelectiveScan,
     SSDChunkScan,
     causal_conv1d,
     causal_conv1d_ref,
@@ -16,6 +17,7 @@ from hybrid_mamba.modeling.modeling_hybrid_mamba import (
     rms_norm_ref,
     segment_ids,
     selective_scan,
+    selective_scan_ref,
     ssd_scan,
     ssd_scan_ref,
 )
@@ -77,16 +79,17 @@ def test_ssd_chunked_scan_matches_recurrence(packed, t, chunk):
     torch.testing.assert_close(final.double(), final_ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("scan", [selective_scan_ref, selective_scan])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("t, chunk", [(29, 8), (7, 64)])
-def test_selective_scan_matches_recurrence(packed, t, chunk):
+def test_selective_scan_matches_recurrence(scan, packed, t, chunk):
     b, e, n = 2, 6, 4
     u, delta = torch.randn(b, t, e), F.softplus(torch.randn(b, t, e))
     A = -torch.rand(e, n) * 3
     B, C, D = torch.randn(b, t, n), torch.randn(b, t, n), torch.randn(e)
     h0 = torch.randn(b, e, n)
     seq = _segments(b, t) if packed else None
-    y, final = selective_scan(u, delta, A, B, C, D=D, initial_state=h0, seq_idx=seq, chunk_size=chunk)
+    y, final = scan(u, delta, A, B, C, D=D, initial_state=h0, seq_idx=seq, chunk_size=chunk)
     y_ref, final_ref = selective_recurrent(u, delta, A, B, C, D, h0, seq)
     torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(final, final_ref, atol=1e-4, rtol=1e-4)
@@ -193,4 +196,45 @@ def test_operator_sets_keep_one_contract():
     fast, ref = MAMBA_OPS["fast"], MAMBA_OPS["reference"]
     assert (fast.causal_conv1d, fast.ssd_scan, fast.rms_norm) == (causal_conv1d, ssd_scan, rms_norm)
     assert (ref.causal_conv1d, ref.ssd_scan, ref.rms_norm) == (causal_conv1d_ref, ssd_scan_ref, rms_norm_ref)
-    assert fast.selective_scan is ref.selective_scan is selective_scan
+    assert (fast.selective_scan, ref.selective_scan) == (selective_scan, selective_scan_ref)
+
+
+@pytest.mark.parametrize(
+    "initial, packed, with_d, t, chunk",
+    [(False, False, True, 29, 8), (True, True, True, 29, 8), (True, False, False, 7, 64), (False, True, True, 16, 8)],
+)
+def test_fast_selective_scan_matches_reference_with_gradients(initial, packed, with_d, t, chunk):
+    b, e, n = 2, 5, 3
+
+    def leaf(*shape, fn=lambda v: v):
+        return fn(torch.randn(*shape, dtype=torch.float64)).requires_grad_()
+
+    u, delta = leaf(b, t, e), leaf(b, t, e, fn=F.softplus)
+    A = leaf(e, n, fn=lambda v: -v.abs() * 3)
+    B, C = leaf(b, t, n), leaf(b, t, n)
+    D = leaf(e) if with_d else None
+    h0 = leaf(b, e, n) if initial else None
+    seq = _segments(b, t) if packed else None
+    inputs = [v for v in (u, delta, A, B, C, D, h0) if v is not None]
+    kw = dict(seq_idx=seq, chunk_size=chunk)
+    (y, final), (y_ref, final_ref) = (
+        fn(u, delta, A, B, C, D=D, initial_state=h0, **kw) for fn in (selective_scan, selective_scan_ref)
+    )
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(final, final_ref)
+    gy, gf = torch.randn_like(y), torch.randn_like(final)
+    for o, r in zip(
+        torch.autograd.grad((y * gy).sum() + (final * gf).sum(), inputs),
+        torch.autograd.grad((y_ref * gy).sum() + (final_ref * gf).sum(), inputs),
+    ):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)  # both compute in float32
+    # the Function itself computes in the inputs' dtype: float64 for gradcheck
+    start = None if seq is None else F.pad(seq[:, 1:] != seq[:, :-1], (1, 0), value=False)
+
+    def fn(u, delta, A, B, C, *rest):
+        rest = list(rest)
+        d = rest.pop(0) if with_d else None
+        init = rest.pop(0) if initial else None
+        return SelectiveScan.apply(u, delta, A, B, C, d, init, start, chunk)
+
+    assert torch.autograd.gradcheck(fn, inputs)
