@@ -226,23 +226,15 @@ def _mamba1_bytes(config, a: int, norm: float, T: int, packed: bool, **_) -> tup
     E, N, R = config.mamba_d_inner, config.mamba_d_state, config.mamba_dt_rank
     chunk = inspect.signature(selective_scan).parameters["chunk_size"].default  # the mixer calls it with the default
     saved = norm + a * 2 * E  # in_proj output [x, z]
-    saved += a * E + a * (R + 2 * N)  # x_proj's contiguous input, its output [dt, B, C]
-    saved += 4 * f * E  # dt_proj output in fp32, softplus(dt), u = silu(conv) in fp32, dt * u
-    saved += a * N + (f * N if low else 0)  # C per chunk for the einsum; B's fp32 copy under bf16
-    # exp(dt A) and dt u B, (B, T, E, N) fp32. Per chunk of l tokens the log-depth doubling scan
-    # keeps 2 (B, l, E, N) tensors per level but the last, the last level's decays (chunks after
-    # the first), the chunk states hs (fp32; under bf16 only those carried on) and their copy.
-    per_chunk = 0.0
-    lengths = [min(chunk, T - s) for s in range(0, T, chunk)]
-    for k, length in enumerate(lengths):
-        levels = max(0, 2 * (math.ceil(math.log2(length)) - 1)) if length > 1 else 0
-        carried = 1 if (not low or k < len(lengths) - 1) else 0
-        per_chunk += length * (f * (levels + (k > 0) + carried) + (a if low else 0))
-    saved += (
-        f * (3 if packed else 2) * E * N + E * N * per_chunk / T
-    )  # packed: also the decay zeroed at document starts
+    saved += a * E + a * (R + 2 * N)  # x_proj's input u = silu(conv) (contiguous), its output [dt, B, C]
+    saved += 2 * f * E  # dt_proj output in fp32, softplus(dt)
+    saved += f * (E + 2 * N) if low else 0  # fp32 copies of u, B and C for the scan under bf16
+    # The scan (SelectiveScan, a hand-written backward) keeps its inputs and the (B, E, N) fp32 state
+    # entering each chunk, and a bool segment start per token when documents are packed.
+    saved += f * E * N * math.ceil(T / chunk) / T + (1 if packed else 0)
     saved += 3 * a * E  # y, silu(z), y * silu(z) (out_proj's input)
-    return saved, 2 * f * E * N
+    # Backward: one chunk's recomputed decays, inputs and states, and the state gradients, (l, B, E, N) fp32.
+    return saved, 5 * f * E * N * min(chunk, T) / T
 
 
 def _head_bytes(config, a: int, norm: float, **_) -> tuple[float, float]:
