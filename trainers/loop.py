@@ -8,7 +8,8 @@ loss at step N as an uninterrupted one. Writes RUN/metrics.jsonl, RUN/final/ and
 (its only writer: callers add their keys through `summary_extras`).
 
 Fine-tuning hooks (trainers/finetune.py): `eval_fn` replaces the token-loss evaluation (e.g. with
-classification metrics); a peft model is saved as its adapter alone in best/ and final/ (peft's
+classification metrics); `loss_fn(model, batch) -> loss` replaces the training objective (trainers/distill.py:
+KL to a frozen teacher); a peft model is saved as its adapter alone in best/ and final/ (peft's
 `save_pretrained`: adapter_config.json with the base model path, adapter_model.safetensors); batches
 with an `attention_mask` (padded rows) count only their real tokens.
 """
@@ -182,6 +183,11 @@ def evaluate(model, loader, accelerator, max_batches=None) -> float:
     return (torch.cat(sums).sum() / torch.cat(counts).sum()).item()
 
 
+def lm_loss(model, batch) -> torch.Tensor:
+    """The default `loss_fn`: the model's own next-token loss on `batch` (its `labels`)."""
+    return model(**batch, use_cache=False).loss
+
+
 def evaluate_lm(model, loader, accelerator, max_batches=None) -> dict:
     """The default `eval_fn`: validation token loss and perplexity."""
     val = evaluate(model, loader, accelerator, max_batches)
@@ -225,9 +231,11 @@ class Trainer:
         collate_fn,
         tokenizer=None,
         eval_fn=None,
+        loss_fn=None,
     ):
         self.args, self.accelerator, self.tokenizer = args, accelerator, tokenizer
         self.eval_fn = eval_fn or evaluate_lm
+        self.loss_fn = loss_fn or lm_loss
         self.out = Path(args.output_dir)
         set_seed(args.seed)
         self.global_batch = args.micro_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
@@ -364,7 +372,7 @@ class Trainer:
             if "attention_mask" in batch:
                 real_tokens.append(batch["attention_mask"].sum())
             with accelerator.accumulate(self.model):
-                loss = self.model(**batch, use_cache=False).loss
+                loss = self.loss_fn(self.model, batch)
                 accelerator.backward(loss)
                 losses.append(loss.detach())
         loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
@@ -474,15 +482,17 @@ def train(
     tokenizer=None,
     eval_fn=None,
     summary_extras=None,
+    loss_fn=None,
 ) -> dict:
     """Train `model` on `train_ds`; returns the summary, also written to RUN/summary.json.
 
     `eval_fn(model, val_loader, accelerator, max_batches) -> dict` is called at every evaluation; its
     dict is written to metrics.jsonl and must hold `val_loss`, which picks best/. Default: `evaluate_lm`.
+    `loss_fn(model, batch) -> loss` is the scalar each micro-batch backpropagates. Default: `lm_loss`.
     `summary_extras(summary) -> dict` is called on every process after final/ is saved; its keys are
     added to the summary before summary.json is written (the file's only writer is this function).
     """
-    trainer = Trainer(args, accelerator, model, train_ds, val_ds, collate_fn, tokenizer, eval_fn)
+    trainer = Trainer(args, accelerator, model, train_ds, val_ds, collate_fn, tokenizer, eval_fn, loss_fn)
     trainer.fit()
     return trainer.finish(summary_extras)
 
