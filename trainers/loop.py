@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -34,7 +34,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from hybrid_mamba.common.files import write_text_atomic
 
 from .args import TrainArgs
-from .checkpoint import CheckpointManager, atomic_save_pretrained
+from .checkpoint import RECORD, CheckpointError, CheckpointManager, atomic_save_pretrained
 from .data import EpochSampler
 from .fsdp_precision import fp32_mamba_mixers
 
@@ -298,16 +298,36 @@ class Trainer:
             raise ValueError("an epoch has fewer micro-batches than gradient_accumulation_steps.")
 
     def _resume(self) -> None:
-        """Load the newest checkpoint that verifies (every rank reads the same files, so all pick the same
-        one; CheckpointError when step_* folders exist and none verifies), or start a fresh metrics log."""
+        """Load the newest checkpoint that verifies, or start a fresh metrics log. The main process picks it
+        (CheckpointError when step_* folders exist and none verifies) and tells the others, and every process
+        must see that folder: with a run folder local to each machine they would resume from different steps.
+        """
         accelerator = self.accelerator
-        if self.args.resume and (latest := self.ckpt.latest()) is not None:
+        choice = [None, None]  # the checkpoint's path or None, the main process's CheckpointError or None
+        if accelerator.is_main_process:
+            try:
+                latest = self.ckpt.latest() if self.args.resume else None
+                choice[0] = None if latest is None else str(latest)
+            except CheckpointError as err:
+                choice[1] = str(err)
+        if accelerator.num_processes > 1:
+            broadcast_object_list(choice)
+        path, error = choice
+        if error is not None:
+            raise CheckpointError(error)
+        sees = torch.tensor([path is None or (Path(path) / RECORD).is_file()], device=accelerator.device)
+        if not bool(accelerator.gather(sees).all()):
+            raise CheckpointError(
+                f"Not every process sees {path}, the checkpoint the main process resumes from: output_dir must be "
+                "one folder that every machine sees (a shared filesystem), not a local disk per machine."
+            )
+        if path is not None:
             unwrapped = accelerator.unwrap_model(self.model)
             quantized = getattr(unwrapped, "is_loaded_in_4bit", False) or getattr(unwrapped, "is_loaded_in_8bit", False)
             # bitsandbytes saves its quantization state beside each k-bit weight, and load_state_dict does
             # not take it back: not strict for those models (their frozen base is rebuilt from base_model).
-            accelerator.load_state(str(latest), **({"strict": False} if quantized else {}))
-            logger.info("resumed from %s at step %d", latest, self.state.step)
+            accelerator.load_state(path, **({"strict": False} if quantized else {}))
+            logger.info("resumed from %s at step %d", path, self.state.step)
             self.metrics.truncate_after(self.state.step)
         elif accelerator.is_main_process and self.metrics.path.exists():
             self.metrics.path.unlink()
