@@ -78,6 +78,15 @@ class HybridMambaConfig(PreTrainedConfig):
         use_mamba_kernels (`bool`, defaults to `True`):
             Use mamba-ssm / causal-conv1d kernels on CUDA when they are installed; the pure-torch path
             is used otherwise, and always on CPU.
+        intermediate_size_per_layer (`list[int]`, *optional*):
+            One MLP width per layer, in place of `intermediate_size` (a structurally pruned model,
+            `modeling/prune.py`); 0 removes that layer's MLP. When not given every layer has
+            `intermediate_size`.
+        mamba_d_inner_per_layer (`list[int]`, *optional*):
+            One Mamba inner width per layer, in place of `mamba_expand * hidden_size`: Mamba-2 layers
+            hold `d_inner / mamba_head_dim` heads (a multiple of `mamba_n_groups`), Mamba-1 layers
+            `d_inner` channels; attention layers take 0. When not given every Mamba layer has
+            `mamba_expand * hidden_size`.
         mamba_ops (`str`, defaults to `"fast"`):
             Operators the Mamba mixers and the RMS norms run: `"fast"` (hand-written backwards, and the
             kernels above where enabled) or `"reference"` (the readable pure-torch definitions the fast
@@ -139,6 +148,8 @@ class HybridMambaConfig(PreTrainedConfig):
     rescale_prenorm_residual: bool = True
     use_mamba_kernels: bool = True
     mamba_ops: str = "fast"
+    intermediate_size_per_layer: list[int] | None = None
+    mamba_d_inner_per_layer: list[int] | None = None
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -217,6 +228,35 @@ class HybridMambaConfig(PreTrainedConfig):
             raise ValueError(f"mamba_ops must be one of {list(MAMBA_OPS)}, got {self.mamba_ops!r}.")
         if self.mamba_chunk_size <= 0:
             raise ValueError(f"mamba_chunk_size must be positive, got {self.mamba_chunk_size}.")
+        self._check_per_layer_widths()
+
+    def _check_per_layer_widths(self):
+        for name in ("intermediate_size_per_layer", "mamba_d_inner_per_layer"):
+            widths = getattr(self, name)
+            if widths is None:
+                continue
+            if len(widths) != self.num_hidden_layers or any(not isinstance(w, int) or w < 0 for w in widths):
+                raise ValueError(
+                    f"{name} must hold one non-negative integer per layer ({self.num_hidden_layers}), got {widths}; "
+                    "or leave it unset for the same width in every layer."
+                )
+        if self.mamba_d_inner_per_layer is None:
+            return
+        for i, d in enumerate(self.mamba_d_inner_per_layer):
+            kind = self.mixer_type(i)
+            if kind == "attention" and d != 0:
+                raise ValueError(
+                    f"mamba_d_inner_per_layer[{i}] is {d} but layer {i} is an attention layer: give 0 there."
+                )
+            if kind == "mamba1" and d == 0:
+                raise ValueError(f"mamba_d_inner_per_layer[{i}] is 0: a Mamba-1 layer needs at least one channel.")
+            if kind == "mamba2":
+                unit = self.mamba_head_dim * self.mamba_n_groups
+                if d == 0 or d % unit:
+                    raise ValueError(
+                        f"mamba_d_inner_per_layer[{i}] is {d}: a Mamba-2 layer needs a positive multiple of "
+                        f"mamba_head_dim * mamba_n_groups = {unit} (the same number of heads in every group)."
+                    )
 
     def mixer_type(self, layer_idx: int) -> str:
         """The mixer of layer `layer_idx`: `"attention"`, `"mamba1"` or `"mamba2"`."""
@@ -235,6 +275,18 @@ class HybridMambaConfig(PreTrainedConfig):
     @property
     def mamba_n_heads(self) -> int:
         return self.mamba_d_inner // self.mamba_head_dim
+
+    def layer_intermediate_size(self, layer_idx: int) -> int:
+        """MLP width of layer `layer_idx` (0: no MLP)."""
+        if self.intermediate_size_per_layer is not None:
+            return self.intermediate_size_per_layer[layer_idx]
+        return self.intermediate_size
+
+    def layer_mamba_d_inner(self, layer_idx: int) -> int:
+        """Inner width of the Mamba mixer of layer `layer_idx` (heads * head_dim for Mamba-2)."""
+        if self.mamba_d_inner_per_layer is not None:
+            return self.mamba_d_inner_per_layer[layer_idx]
+        return self.mamba_d_inner
 
     # Validators run by `@strict` on save and on `validate()`; construction already raised plain
     # ValueErrors above. These replace the base checks that do not know our layer vocabulary.

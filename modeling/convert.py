@@ -385,6 +385,9 @@ def _export_problems(ours: HybridMambaConfig, to: str) -> list[tuple[str, object
         problems.append(
             ("intermediate_size", ours.intermediate_size, f"means no MLP, and every {target} layer has one")
         )
+    for field in ("intermediate_size_per_layer", "mamba_d_inner_per_layer"):
+        if getattr(ours, field) is not None:  # a structurally pruned model (modeling/prune.py)
+            problems.append((field, getattr(ours, field), f"gives layers their own widths, and {target} has one width"))
     if has_mamba and ours.hidden_act != "silu":
         # Bamba and GraniteMoeHybrid apply hidden_act after the Mamba conv as well as in the MLP; ours applies SiLU there
         problems.append(("hidden_act", ours.hidden_act, f"would also replace SiLU after the Mamba conv in {target}"))

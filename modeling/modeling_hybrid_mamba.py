@@ -1119,11 +1119,13 @@ class HybridMambaAttention(nn.Module):
 
 
 class HybridMambaMLP(nn.Module):
-    def __init__(self, config: HybridMambaConfig):
+    def __init__(self, config: HybridMambaConfig, intermediate_size: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        # a layer's own width when the config gives one per layer (a pruned model)
+        inter = config.intermediate_size if intermediate_size is None else intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, inter, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, inter, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(inter, config.hidden_size, bias=config.mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x):
@@ -1139,7 +1141,7 @@ class _MambaMixerBase(nn.Module):
         self.layer_idx = layer_idx
         self.ops = MAMBA_OPS[config.mamba_ops]  # the operators every call below goes through
         self.hidden_size = config.hidden_size
-        self.d_inner = config.mamba_d_inner
+        self.d_inner = config.layer_mamba_d_inner(layer_idx)
         self.d_state = config.mamba_d_state
         self.conv_kernel_size = config.mamba_d_conv
 
@@ -1178,7 +1180,7 @@ class HybridMamba2Mixer(_MambaMixerBase):
     def __init__(self, config: HybridMambaConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.head_dim = config.mamba_head_dim
-        self.num_heads = config.mamba_n_heads
+        self.num_heads = self.d_inner // self.head_dim
         self.n_groups = config.mamba_n_groups
         self.chunk_size = config.mamba_chunk_size
         self.dt_limit = tuple(config.mamba_dt_limit)
@@ -1398,11 +1400,12 @@ class HybridMambaDecoderLayer(GradientCheckpointingLayer):
             self.self_attn = mixer
         else:
             self.mamba = mixer
-        if config.intermediate_size > 0:
+        intermediate_size = config.layer_intermediate_size(layer_idx)
+        if intermediate_size > 0:
             self.pre_mlp_layernorm = HybridMambaRMSNorm(
                 config.hidden_size, eps=config.rms_norm_eps, ops=config.mamba_ops
             )
-            self.mlp = HybridMambaMLP(config)
+            self.mlp = HybridMambaMLP(config, intermediate_size)
         else:
             self.mlp = None
 
@@ -1490,7 +1493,10 @@ class HybridMambaPreTrainedModel(PreTrainedModel):
 
         if self.config.rescale_prenorm_residual:
             # Projections writing into the residual stream: std / sqrt(residual branches), as GPT-2 and mamba-ssm
-            branches = self.config.num_hidden_layers * (2 if self.config.intermediate_size > 0 else 1)
+            cfg = self.config
+            branches = cfg.num_hidden_layers + sum(
+                cfg.layer_intermediate_size(i) > 0 for i in range(cfg.num_hidden_layers)
+            )
             for name in ("out_proj", "o_proj", "down_proj"):
                 proj = getattr(module, name, None)
                 if isinstance(proj, nn.Linear):

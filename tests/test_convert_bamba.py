@@ -185,6 +185,9 @@ PARTIAL_ROPE = {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_facto
         ([M2, ATT], dict(position_embedding_type="none"), "position_embedding_type='none'", ["bamba"]),
         ([M2, ATT], dict(rope_parameters=PARTIAL_ROPE), "partial_rotary_factor'\\]=0.5", ["bamba", "granitemoehybrid"]),
         ([M2, ATT], dict(mlp_bias=True), "mlp_bias=True", ["granitemoehybrid"]),
+        # a structurally pruned model (modeling/prune.py): widths per layer
+        ([M2, ATT], dict(intermediate_size_per_layer=[96, 128]), "intermediate_size_per_layer", ["bamba"]),
+        ([M2, ATT], dict(mamba_d_inner_per_layer=[64, 0]), "mamba_d_inner_per_layer", ["granitemoehybrid"]),
     ],
 )
 def test_inexpressible_config_is_refused_before_any_work(layer_types, overrides, field, targets, tmp_path):
