@@ -20,7 +20,13 @@ FOLDERS = ("common", "configuration", "modeling", "trainers", "data_scripts", "e
 PACKAGE_DATA = {
     "configuration": ["presets.yaml"],
     "data_scripts": ["recipes/*.yaml"],
-    "trainers": ["configs/*.yaml", "accelerate/*.yaml", "demo_data/*.jsonl", "demo_data/*.tsv"],
+    "trainers": [
+        "configs/*.yaml",
+        "accelerate/*.yaml",
+        "slurm/*.sbatch",
+        "demo_data/*.jsonl",
+        "demo_data/*.tsv",
+    ],
     "hub_cards": ["templates/*.md"],
     "eval_harness": ["tasks/**/*.yaml", "tasks/**/*.jsonl", "tasks/**/*.py"],
 }
@@ -58,8 +64,13 @@ extras_require = {
     "onnx": ["onnx>=1.18", "onnxscript>=0.5", "onnxruntime>=1.22"],
     # hub_cards/quantize.py: int8 weight-only quantization (torchao's quantize_, saved as safetensors)
     "torchao": ["torchao>=0.18"],
+    # data_scripts/datatrove_pipeline.py: the recipe as datatrove stages (local, Slurm or Ray executors,
+    # datatrove's multi-stage MinHash deduplication); "ray" adds the Ray executor's runtime
+    "datatrove": ["datatrove>=0.10.1,<0.11"],
+    "ray": ["datatrove[ray]>=0.10.1,<0.11"],
     # bitsandbytes runs 4-bit/8-bit on CPU too: in dev so the QLoRA guard tests run everywhere; serving so
-    # tests/test_serve.py does, onnx so tests/test_onnx_export.py does, torchao so tests/test_quantize.py does.
+    # tests/test_serve.py does, onnx so tests/test_onnx_export.py does, torchao so tests/test_quantize.py does,
+    # datatrove so tests/test_datatrove.py does.
     "dev": [
         "pytest>=8",
         "matplotlib>=3.8",
@@ -71,6 +82,7 @@ extras_require = {
         "onnxscript>=0.5",
         "onnxruntime>=1.22",
         "torchao>=0.18",
+        "datatrove>=0.10.1,<0.11",
     ],
 }
 

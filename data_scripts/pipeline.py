@@ -292,6 +292,13 @@ def build_in_memory(b: Build) -> dict:
         docs = _Docs(ds.select(idx).select_columns(["input_ids"]))
         sources.append(ArrayDocSource(docs, lengths, r.seed, i, repeat=r.max_epochs > 1))
 
+    splits = mix_and_pack(b, sources, available, eos_id)
+    return _assemble(b, report, splits, tokenizer_file)
+
+
+def mix_and_pack(b: Build, sources: list[DocSource], available: list[int], eos_id: int) -> dict:
+    """Budgets of both splits from ``available`` kept tokens per source; validation is drawn first, then train."""
+    r = b.recipe
     if r.total_tokens is not None:
         total = r.total_tokens
     else:
@@ -325,7 +332,7 @@ def build_in_memory(b: Build) -> dict:
             )
     splits["train"] = _pack_split(b, "train", sources, train_budgets, eos_id, available_train=remaining)
     splits = {"train": splits["train"], "validation": splits["validation"]}
-    return _assemble(b, report, splits, tokenizer_file)
+    return splits
 
 
 def _whole_blocks(tokens: int, seq_len: int) -> int:
