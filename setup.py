@@ -73,6 +73,8 @@ extras_require = {
     # datatrove so tests/test_datatrove.py does.
     "dev": [
         "pytest>=8",
+        # `make test` runs the suite on every core (pytest -n auto): the tests are mostly single-threaded
+        "pytest-xdist>=3.5",
         "matplotlib>=3.8",
         "bitsandbytes>=0.45",
         "ruff>=0.15",

@@ -8,6 +8,13 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Under pytest-xdist (`make test` runs one worker per core): each worker, and the processes it starts,
+# gets its share of the cores instead of every worker's torch using all of them.
+if (_workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT")) is not None:
+    _threads = max(1, (os.cpu_count() or 1) // int(_workers))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 import hybrid_mamba.modeling  # noqa: F401  (registers the Auto classes)
 from hybrid_mamba.configuration import HybridMambaConfig, get_preset
 
