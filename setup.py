@@ -70,7 +70,7 @@ extras_require = {
     "ray": ["datatrove[ray]>=0.10.1,<0.11"],
     # bitsandbytes runs 4-bit/8-bit on CPU too: in dev so the QLoRA guard tests run everywhere; serving so
     # tests/test_serve.py does, onnx so tests/test_onnx_export.py does, torchao so tests/test_quantize.py does,
-    # datatrove so tests/test_datatrove.py does.
+    # datatrove with Ray so tests/test_datatrove.py does (a local Ray instance on 127.0.0.1).
     "dev": [
         "pytest>=8",
         # `make test` runs the suite on every core (pytest -n auto): the tests are mostly single-threaded
@@ -84,7 +84,7 @@ extras_require = {
         "onnxscript>=0.5",
         "onnxruntime>=1.22",
         "torchao>=0.18",
-        "datatrove>=0.10.1,<0.11",
+        "datatrove[ray]>=0.10.1,<0.11",
     ],
 }
 

@@ -882,7 +882,7 @@ def build_plan(
 
 
 def make_executors(plan: Plan, cfg: ExecutorConfig, job_name: str = "data") -> list:
-    """One datatrove executor per stage, each depending on the one before (Slurm and Ray submit the chain)."""
+    """One datatrove executor per stage, each depending on the one before (Slurm submits the chain)."""
     executors = []
     prev = None
     for k, (name, pipeline, tasks) in enumerate(plan.stages):
@@ -966,10 +966,12 @@ def run_build(
     keep_work: bool = False,
     until: str | None = None,
 ) -> dict:
-    """Check the inputs, build the stages and run them; returns timings per stage (local) or the job chain.
+    """Check the inputs, build the stages and run them; returns timings per stage (local, Ray) or the job chain.
 
-    ``until``: run the stages up to and including this one (local), keeping the work folder; a later
-    run without it continues from there.
+    ``until``: run the stages up to and including this one (local, Ray), keeping the work folder; a later
+    run without it continues from there. Ray: connects with ``ray.init(address=options.address)`` unless
+    Ray is already initialised (``address`` unset or ``auto``: ``RAY_ADDRESS``, else a running local
+    instance, else a new one), and shuts Ray down again at the end if it connected here.
     """
     if until is not None and until not in STAGE_NAMES:
         raise DatatroveError(f"until: unknown stage '{until}'; stages are {', '.join(STAGE_NAMES)}")
@@ -989,24 +991,37 @@ def run_build(
         plan, {"fingerprint": fp["fingerprint"], "tasks": cfg.tasks, "stages": [[n, t] for n, _, t in plan.stages]}
     )
     executors = make_executors(plan, cfg, job_name=recipe.name)
+    if cfg.kind == "slurm":
+        executors[-1].run()  # submits the chain; each stage starts when the one before has finished
+        logger.info("submitted %d stages; DATA appears at %s when the last one finishes", len(executors), output)
+        return {"submitted": plan.names(), "logging_dir": str(logs)}
+    connected = False
     if cfg.kind == "ray":
         import ray
 
         if not ray.is_initialized():
             ray.init(address=cfg.options.get("address"))
-    if cfg.kind != "local":
-        executors[-1].run()  # submits the chain; each stage starts when the one before has finished
-        logger.info("submitted %d stages; DATA appears at %s when the last one finishes", len(executors), output)
-        return {"submitted": plan.names(), "logging_dir": str(logs)}
-    timings = {}
-    for (name, _, tasks), ex in zip(plan.stages, executors, strict=True):
-        ex.depends = None  # run here one after the other, timing each stage
-        start = time.perf_counter()
-        ex.run()
-        timings[name] = {"seconds": time.perf_counter() - start, "tasks": tasks}
-        logger.info("stage %s: %d tasks in %.2f s", name, tasks, timings[name]["seconds"])
-        if name == until:
-            return {"stages": timings, "work": str(work), "logging_dir": str(logs)}
+            connected = True
+    try:
+        timings = {}
+        for (name, _, tasks), ex in zip(plan.stages, executors, strict=True):
+            ex.depends = None  # run here one after the other, timing each stage
+            start = time.perf_counter()
+            ex.run()
+            timings[name] = {"seconds": time.perf_counter() - start, "tasks": tasks}
+            # Ray only logs the tasks that failed (and a stage depending on them would wait for ever).
+            missing = ex.get_incomplete_ranks(range(tasks), skip_completed=True)
+            if missing:
+                raise DatatroveError(
+                    f"stage {name}: tasks {missing} did not complete; see {ex.logging_dir.path}/logs "
+                    "(a rerun of the same command resumes)"
+                )
+            logger.info("stage %s: %d tasks in %.2f s", name, tasks, timings[name]["seconds"])
+            if name == until:
+                return {"stages": timings, "work": str(work), "logging_dir": str(logs)}
+    finally:
+        if connected:
+            ray.shutdown()
     if not keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return {"stages": timings, "work": str(work), "logging_dir": str(logs)}

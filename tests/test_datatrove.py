@@ -296,3 +296,79 @@ def test_resumes_after_the_process_is_killed(built):
     assert not (logs / "08_tokenize" / "completions").exists()
     _run(built["recipe"], out, tasks=3)
     assert _hashes(out) == _hashes(built["root"] / "t1" / "out")
+
+
+@pytest.mark.slow
+def test_ray_executor_builds_the_same_data(built, monkeypatch):
+    """The pipeline on a local Ray instance (loopback only, 2 CPUs) gives byte for byte the local build's DATA."""
+    pytest.importorskip("ray")  # the `ray` extra of datatrove
+    import ray
+    from ray._private import ray_constants
+
+    # Ray binds to the machine's address unless told it is not a cluster: keep every server on 127.0.0.1.
+    monkeypatch.setenv(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+    if ray.is_initialized():
+        pytest.skip("Ray is already initialised in this process")
+
+    def too_slow(signum, frame):
+        raise TimeoutError("the Ray build took more than 240 s")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(240)
+    try:
+        ray.init(
+            address="local",
+            _node_ip_address="127.0.0.1",
+            num_cpus=2,
+            object_store_memory=100 * 1024**2,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+        node = ray._private.worker._global_node
+        pids = [p.process.pid for procs in node.all_processes.values() for p in procs]
+        assert node.node_ip_address == "127.0.0.1" and pids
+        recipe, cfg = dtp.load_run_config(built["recipe"])
+        cfg.kind, cfg.tasks, cfg.workers = "ray", 2, 2
+        # One Ray actor per task, two at once; the 9 MinHash bands in one actor.
+        cfg.options = {"cpus_per_task": 1, "mem_per_cpu_gb": 0.5, "time": 180}
+        cfg.stages = {"minhash_buckets": {"tasks_per_job": 9}}
+        out = built["root"] / "ray" / "out"
+        result = dtp.run_build(recipe, cfg, out, keep_work=True)
+        assert ray.is_initialized()  # run_build leaves a Ray it did not start running
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        ray.shutdown()
+    assert list(result["stages"]) == list(dtp.STAGE_NAMES)
+    assert _hashes(out) == _hashes(built["root"] / "t1" / "out")
+    assert _kept(out.with_name("out.datatrove") / "data") == _kept(built["one"])
+    logs = out.with_name("out.datatrove") / "logs"
+    assert sorted(p.name for p in (logs / "08_tokenize" / "completions").iterdir()) == ["00000", "00001"]
+    assert len(list((logs / "04_minhash_buckets" / "completions").iterdir())) == 9
+    # No Ray server (gcs_server, raylet) or worker outlives the shutdown.
+    deadline = time.monotonic() + 10
+    while (alive := _ray_processes(pids)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive, f"Ray processes still running after shutdown: {alive}"
+
+
+def _ray_processes(pids: list[int]) -> list[str]:
+    """The processes of ``pids`` and this process's descendants named like Ray's that are still running."""
+    import psutil
+
+    procs = {p.pid: p for p in psutil.Process().children(recursive=True)}
+    for pid in pids:
+        try:
+            procs.setdefault(pid, psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    alive = []
+    for pid, proc in procs.items():
+        try:
+            name = " ".join(proc.cmdline()[:2]) or proc.name()
+            if proc.status() != psutil.STATUS_ZOMBIE and (pid in pids or "ray" in name):
+                alive.append(f"{pid} {name[:80]}")
+        except psutil.NoSuchProcess:
+            pass
+    return alive
