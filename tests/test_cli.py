@@ -53,6 +53,7 @@ CASES = [
     ("eval_harness.bench_distill", ["--threads", "0", "--out", "{tmp}/out"], "--threads must be at least 1"),
     ("trainers.prune", ["--model", "{tmp}/missing", "--out", "{tmp}/out"], "has no config.json"),
     ("eval_harness.bench_prune", ["--model", "{tmp}/missing", "--out", "{tmp}/out"], "has no config.json"),
+    ("eval_harness.bench_codesign", ["--sparsity", "1.5", "--out", "{tmp}/out"], "--sparsity must be in (0, 1)"),
     ("hub_cards.publish", ["--model", "{tmp}/missing", "--to", "{tmp}/repo"], "neither config.json"),
     ("hub_cards.reload", ["--repo", "{tmp}/missing", "--clone", "{tmp}/clone"], "git clone"),
     ("hub_cards.serve", ["--model", "{tmp}/missing"], "no config.json there"),
