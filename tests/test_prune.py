@@ -1,13 +1,11 @@
 """Structured pruning: learned masks, exact removal, per-layer widths in the config, and the CLI's training."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import tiny_config
+from test_remote_code import load_in_fresh_process
 
 from hybrid_mamba.configuration import HybridMambaConfig
 from hybrid_mamba.modeling import HybridMambaForCausalLM
@@ -107,25 +105,6 @@ def test_pruned_folder_loads_and_decodes_as_the_full_forward(tmp_path):
         torch.testing.assert_close(torch.cat(steps, 1), loaded(ids).logits, atol=1e-5, rtol=0)
 
 
-CHILD = r"""
-import importlib.abc, sys
-
-class BlockRepo(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("hybrid_mamba", "configuration", "modeling"):
-            raise ImportError(f"{name} is blocked: the model folder must be self-contained")
-
-sys.meta_path.insert(0, BlockRepo())
-import torch
-from transformers import AutoModelForCausalLM
-
-folder, inputs, outputs = sys.argv[1:4]
-model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-with torch.no_grad():
-    torch.save(model(torch.load(inputs)).logits, outputs)
-"""
-
-
 @pytest.mark.slow
 def test_pruned_folder_loads_as_remote_code(tmp_path):
     model = sensitive_model("hybrid", mamba_n_groups=2)
@@ -133,19 +112,9 @@ def test_pruned_folder_loads_as_remote_code(tmp_path):
     small, _, _ = prune_model(model)
     small.save_pretrained(tmp_path / "pruned")
     ids = torch.randint(3, 512, (1, 19))
-    torch.save(ids, tmp_path / "in.pt")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf"))
-    run = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp_path / "pruned"), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    out = load_in_fresh_process(tmp_path / "pruned", ids, tmp_path)  # also checks cached == uncached generation
     with torch.no_grad():
-        torch.testing.assert_close(torch.load(tmp_path / "out.pt"), small(ids).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out["logits"], small(ids).logits, atol=1e-5, rtol=0)
 
 
 def test_per_layer_widths_in_the_config():

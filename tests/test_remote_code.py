@@ -38,18 +38,11 @@ torch.save({"logits": logits, "generated": generated, "module": type(model).__mo
 """
 
 
-@pytest.mark.slow
-def test_remote_code_loads_in_a_fresh_process(tmp_path):
-    model = HybridMambaForCausalLM(tiny_config("hybrid")).eval()
-    folder = tmp_path / "model"
-    model.save_pretrained(folder)
-    assert (
-        json.loads((folder / "config.json").read_text())["auto_map"]["AutoConfig"]
-        == "configuration_hybrid_mamba.HybridMambaConfig"
-    )
-    ids = torch.randint(3, 512, (2, 13))
+def load_in_fresh_process(folder, ids, tmp_path) -> dict:
+    """Load `folder` with AutoModelForCausalLM and trust_remote_code in a process that cannot import this
+    repository; returns its logits on `ids`, its greedy generation (checked equal with and without the
+    cache) and the module its class came from."""
     torch.save(ids, tmp_path / "in.pt")
-
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf"))
     run = subprocess.run(
@@ -61,7 +54,20 @@ def test_remote_code_loads_in_a_fresh_process(tmp_path):
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    out = torch.load(tmp_path / "out.pt")
+    return torch.load(tmp_path / "out.pt")
+
+
+@pytest.mark.slow
+def test_remote_code_loads_in_a_fresh_process(tmp_path):
+    model = HybridMambaForCausalLM(tiny_config("hybrid")).eval()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    assert (
+        json.loads((folder / "config.json").read_text())["auto_map"]["AutoConfig"]
+        == "configuration_hybrid_mamba.HybridMambaConfig"
+    )
+    ids = torch.randint(3, 512, (2, 13))
+    out = load_in_fresh_process(folder, ids, tmp_path)
     assert out["module"].startswith("transformers_modules.")
     with torch.no_grad():
         assert torch.equal(out["logits"], model(ids).logits)
