@@ -16,10 +16,20 @@
    loss and KL to the teacher, in one pass; decode latency per token at batch 1 after prompts of
    `decode_prompts` tokens (eval_harness/bench_speed.py's `measure_decode`).
 
-Writes bench_distill.json and bench_distill.md into --out; the runs go to --work_dir. Sized to finish in
-about 20 minutes on 2 cores with 1 thread (the default); the machine it ran on is recorded.
+4. After all training, the trained models' final/ folders (teacher, the three students, scratch_long) on
+   the offline held-out lm-eval tasks of eval_harness/tasks/hybrid_mamba (`demo_heldout_ppl`: word and
+   byte perplexity, bits per byte; `demo_heldout_mc`: four-way continuation accuracy), one
+   `lm_eval.simple_evaluate` per model and task through eval_harness/sweep.py (HFLM with remote code,
+   the repo's task folder, all seeds set to `seed`); lm-eval's own standard errors are kept.
+
+Writes bench_distill.json and bench_distill.md into --out; the runs go to --work_dir. A full run does all
+four steps. `--rescore true` does step 4 alone: it reads --out's bench_distill.json, scores the final/
+folders under --work_dir that exist, and rewrites the JSON (key `lm_eval`) and the markdown with the
+held-out table added, everything else as it was. Sized to finish in about 20 minutes on 2 cores with 1
+thread (the default), plus a few minutes of lm-eval; the machine it ran on is recorded.
 """
 
+import json
 import logging
 import math
 import time
@@ -32,7 +42,9 @@ import torch.nn.functional as F
 import hybrid_mamba.modeling  # noqa: F401
 from hybrid_mamba.common.args import parse_args
 from hybrid_mamba.common.files import write_json_atomic, write_text_atomic
+from hybrid_mamba.common.lm_eval_results import metric_values
 from hybrid_mamba.common.machine import machine
+from hybrid_mamba.eval_harness import sweep
 from hybrid_mamba.eval_harness.bench_speed import Plan, measure_decode
 from hybrid_mamba.modeling import HybridMambaForCausalLM
 from hybrid_mamba.modeling.distill_init import distill_init, parse_layers, student_config
@@ -68,11 +80,21 @@ class BenchDistillArgs:
     decode_prompts: str = field(default="128,1024", metadata={"help": "Prompt lengths of the decode latency."})
     decode_steps: int = field(default=24, metadata={"help": "Timed decode steps per prompt length."})
     threads: int = field(default=1, metadata={"help": "torch threads."})
-    seed: int = field(default=0, metadata={"help": "Seed of inits and data order."})
+    seed: int = field(default=0, metadata={"help": "Seed of inits and data order, and lm-eval's seeds."})
+    lm_eval_batch_size: int = field(default=4, metadata={"help": "lm-eval batch size of the held-out tasks."})
+    lm_eval_limit: float | None = field(
+        default=None, metadata={"help": "lm-eval --limit of the held-out tasks (all documents when unset)."}
+    )
+    rescore: bool = field(
+        default=False,
+        metadata={"help": "Only the held-out lm-eval tasks: add them to --out's JSON and markdown, no training."},
+    )
 
     def __post_init__(self):
         if self.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {self.threads}.")
+        if self.lm_eval_batch_size < 1:
+            raise ValueError(f"--lm_eval_batch_size must be at least 1, got {self.lm_eval_batch_size}.")
         if self.teacher_steps < 1 or self.student_steps < 1:
             raise ValueError("--teacher_steps and --student_steps must be at least 1.")
 
@@ -96,8 +118,6 @@ def _train_fields(args: BenchDistillArgs, name: str, steps: int, lr: float) -> l
 
 
 def _curve(run_dir: Path) -> list[dict]:
-    import json
-
     rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines() if r]
     return [{k: r[k] for k in ("step", "val_loss", "val_kl") if k in r} for r in rows if "val_loss" in r]
 
@@ -250,6 +270,138 @@ def run(args: BenchDistillArgs) -> dict:
     }
 
 
+def held_out_scores(folders: dict[str, Path], args: BenchDistillArgs) -> dict:
+    """The offline held-out lm-eval tasks (sweep's `offline` suite) on every model folder, one seed.
+
+    Returns {"tasks", "skipped_tasks", "errors", "models": {name: {task: {metric: {"value", "stderr",
+    "higher_is_better"}}}}, "documents": {task: n}, settings, machine, wall_s}. A task that cannot be built,
+    a folder that does not load and a run that fails are recorded and the rest go on, as in the sweep.
+    """
+    from lm_eval.tasks import TaskManager
+
+    t0 = time.perf_counter()
+    sargs = sweep.SweepArgs(
+        models=[str(f) for f in folders.values()],
+        tasks=["offline"],
+        seeds=[args.seed],
+        limit=args.lm_eval_limit,
+        batch_size=args.lm_eval_batch_size,
+        device="cpu",
+    )
+    tasks, skipped = sweep.check_tasks(sweep.expand_tasks(sargs.tasks), sargs.include_path)
+    tm = TaskManager(include_path=sargs.include_path)
+    scores, documents, errors = {}, {}, []
+    for name, folder in folders.items():
+        try:
+            lm = sweep.load_model(str(folder), sargs)
+        except Exception as e:
+            errors.append({"model": name, "task": None, "error": f"model does not load: {type(e).__name__}: {e}"})
+            continue
+        for task in tasks:
+            logger.info("lm-eval: %s / %s", name, task)
+            try:
+                res = sweep.run_cell(lm, task, args.seed, sargs, tm)
+            except Exception as e:
+                errors.append({"model": name, "task": task, "error": f"{type(e).__name__}: {e}"})
+                logger.error("lm-eval failed: %s / %s: %s", name, task, e)
+                continue
+            better = res.get("higher_is_better", {})
+            for t, metrics in metric_values(res).items():
+                for metric, (value, stderr) in metrics.items():
+                    scores.setdefault(name, {}).setdefault(t, {})[metric] = {
+                        "value": value,
+                        "stderr": stderr,
+                        "higher_is_better": better.get(t, {}).get(metric.split(" (")[0]),
+                    }
+            for t, n in (res.get("n-samples") or {}).items():
+                documents[t] = n.get("effective")
+        del lm
+    return {
+        "tasks": tasks,
+        "skipped_tasks": skipped,
+        "errors": errors,
+        "folders": {name: str(f) for name, f in folders.items()},
+        "models": scores,
+        "documents": documents,
+        "seed": args.seed,
+        "limit": args.lm_eval_limit,
+        "num_fewshot": None,
+        "batch_size": args.lm_eval_batch_size,
+        "include_path": sargs.include_path,
+        "rescore": args.rescore,
+        "out": args.out,
+        "machine": machine(args.threads, libraries=("torch", "transformers", "lm_eval")),
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+def trained_folders(results: dict, work_dir: str) -> dict[str, Path]:
+    """The final/ folder of the teacher and of every trained student of `results`, where it exists."""
+    names = ["teacher", *results["curves"]]
+    folders = {name: Path(work_dir) / name / "final" for name in names}
+    missing = [name for name, f in folders.items() if not (f / "config.json").is_file()]
+    if len(missing) == len(folders):
+        raise FileNotFoundError(f"no final/ model folder under {work_dir} (expected {', '.join(names)})")
+    for name in missing:
+        logger.warning("no %s: not scored", folders.pop(name) / "config.json")
+    return folders
+
+
+def _lm_eval_cell(s: dict | None) -> str:
+    if s is None or s["value"] is None:
+        return "-"
+    v = f"{s['value']:,.0f}" if abs(s["value"]) >= 1e4 else f"{s['value']:.3f}"
+    return v if s["stderr"] is None else f"{v} ± {s['stderr']:.3f}"
+
+
+def lm_eval_markdown(ev: dict) -> list[str]:
+    """The held-out lm-eval section: rows (task, metric), one column per model."""
+    models = list(ev["folders"])
+    rows = list(dict.fromkeys((t, m) for mod in ev["models"].values() for t, ms in mod.items() for m in ms))
+    docs = ev["documents"]
+    m = ev["machine"]
+    limit = f", --limit {ev['limit']:g}" if ev["limit"] is not None else ""
+    lines = [
+        "## Held-out lm-eval tasks",
+        "",
+        f"The final/ folder of every trained model on the offline tasks of `eval_harness/tasks/hybrid_mamba` "
+        f"(lm-eval {m.get('lm_eval', '?')}, HFLM, zero-shot, seed {ev['seed']}, batch size {ev['batch_size']}"
+        f"{limit}; {m.get('cpu', '?')}, {m.get('threads', '?')} thread(s), {m.get('date', '?')}). "
+        f"`demo_heldout_ppl`: {docs.get('demo_heldout_ppl', '?')} held-out text pieces scored whole "
+        "(loglikelihood_rolling); `demo_heldout_mc`: "
+        f"{docs.get('demo_heldout_mc', '?')} four-way choices of a passage's next lines (chance 0.25), "
+        "acc_norm normalised by the choice's length in bytes. Both are built by `eval_harness/build_tasks.py` "
+        "from the validation split of data/demo, which no run trained on. ± is lm-eval's standard error "
+        "(none for perplexities); ↓ lower is better, ↑ higher is better."
+        + (
+            " Added to the run above later, by `python -m hybrid_mamba.eval_harness.bench_distill --out "
+            f"{ev['out']} --rescore true`."
+            if ev["rescore"]
+            else ""
+        ),
+        "",
+        "| task | metric | " + " | ".join(models) + " |",
+        "|---|---|" + "---:|" * len(models),
+    ]
+    for task, metric in rows:
+        better = next(
+            (
+                ev["models"][mod][task][metric]["higher_is_better"]
+                for mod in ev["models"]
+                if metric in ev["models"][mod].get(task, {})
+            ),
+            None,
+        )
+        arrow = {True: " ↑", False: " ↓"}.get(better, "")
+        cells = [_lm_eval_cell(ev["models"].get(mod, {}).get(task, {}).get(metric)) for mod in models]
+        lines.append(f"| {task} | {metric}{arrow} | " + " | ".join(cells) + " |")
+    if ev["skipped_tasks"]:
+        lines += ["", "Tasks not run:", *(f"- {t}: {why}" for t, why in ev["skipped_tasks"].items())]
+    if ev["errors"]:
+        lines += ["", "Failed:", *(f"- {e['model']} / {e['task'] or 'all tasks'}: {e['error']}" for e in ev["errors"])]
+    return lines
+
+
 def to_markdown(results: dict) -> str:
     a, m = results["args"], results["machine"]
     lines = [
@@ -280,6 +432,10 @@ def to_markdown(results: dict) -> str:
         "`@init`: before any student training. `distilled_random_mixers`: the teacher's weights except the "
         "Mamba-2 mixers, which start random. `scratch_long`: as many tokens as teacher + distillation together.",
         "",
+    ]
+    if "lm_eval" in results:
+        lines += [*lm_eval_markdown(results["lm_eval"]), ""]
+    lines += [
         "## Decode latency, batch 1 (ms per token, median)",
         "",
         "| prompt tokens | " + " | ".join(next(iter(results["decode_ms_per_token"].values()))) + " |",
@@ -310,10 +466,19 @@ def main(argv=None):
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     if not math.isfinite(args.student_lr):
         raise ValueError("--student_lr must be finite.")
-    t0 = time.perf_counter()
-    results = run(args)
-    results["timings_s"]["total_s"] = time.perf_counter() - t0
     out = Path(args.out)
+    if args.rescore:
+        torch.set_num_threads(args.threads)
+        if not (out / "bench_distill.json").is_file():
+            raise FileNotFoundError(f"{out / 'bench_distill.json'} not found: --rescore needs a full run's results")
+        results = json.loads((out / "bench_distill.json").read_text())
+        results["lm_eval"] = held_out_scores(trained_folders(results, args.work_dir), args)
+    else:
+        t0 = time.perf_counter()
+        results = run(args)
+        # after every training run: scores the final/ folders the runs just wrote
+        results["lm_eval"] = held_out_scores(trained_folders(results, args.work_dir), args)
+        results["timings_s"]["total_s"] = time.perf_counter() - t0
     write_json_atomic(out / "bench_distill.json", results)
     md = to_markdown(results)
     write_text_atomic(out / "bench_distill.md", md)

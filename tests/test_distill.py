@@ -279,3 +279,85 @@ def test_distillation_reduces_the_kl_and_resumes(tmp_path, tiny_data):
     resumed = _distill(tmp_path, tiny_data, "run")
     assert resumed["final_eval"]["val_kl"] == pytest.approx(summary["final_eval"]["val_kl"], abs=1e-6)
     assert resumed["final_val_loss"] == pytest.approx(summary["final_val_loss"], abs=1e-6)
+
+
+def test_rescore_adds_the_held_out_table_and_keeps_the_rest(tmp_path, monkeypatch):
+    from hybrid_mamba.eval_harness import bench_distill
+
+    results = {
+        "args": {**vars(bench_distill.BenchDistillArgs()), "out": "OUT"},
+        "machine": {"cpu": "cpu"},
+        "seq_len": 8,
+        "tokens_per_step": 32,
+        "unigram_baseline_val_loss": 7.0,
+        "rows": [
+            {
+                "model": m,
+                "parameters": 10**6,
+                "training_tokens": 1,
+                "tokens_incl_teacher": 1,
+                "val_loss": 6.0,
+                "val_kl": 0.1,
+            }
+            for m in ("teacher", "distilled", "scratch")
+        ],
+        "curves": {
+            "distilled": [{"step": 1, "val_loss": 6.5, "val_kl": 0.2}],
+            "scratch": [{"step": 1, "val_loss": 7.0}],
+        },
+        "decode_ms_per_token": {"128": {"teacher": 1.0, "hybrid": 0.5}},
+        "decode": {},
+        "timings_s": {"total_s": 1.0},
+    }
+    out, work = tmp_path / "out", tmp_path / "runs"
+    out.mkdir()
+    (out / "bench_distill.json").write_text(json.dumps(results))
+    for name in ("teacher", "distilled"):  # scratch/final is missing: not scored
+        (work / name / "final").mkdir(parents=True)
+        (work / name / "final" / "config.json").write_text("{}")
+
+    def fake_scores(folders, args):  # what held_out_scores returns, without running lm-eval
+        def cell(v, se, better):
+            return {"value": v, "stderr": se, "higher_is_better": better}
+
+        return {
+            "folders": {n: str(f) for n, f in folders.items()},
+            "models": {
+                "teacher": {"demo_heldout_ppl": {"word_perplexity": cell(123456.7, None, False)}},
+                "distilled": {
+                    "demo_heldout_ppl": {"word_perplexity": cell(99.5, None, False)},
+                    "demo_heldout_mc": {"acc": cell(0.25, 0.0694, True)},
+                },
+            },
+            "documents": {"demo_heldout_ppl": 40, "demo_heldout_mc": 40},
+            "skipped_tasks": {},
+            "errors": [{"model": "teacher", "task": "demo_heldout_mc", "error": "RuntimeError: boom"}],
+            "seed": 0,
+            "limit": None,
+            "batch_size": 4,
+            "rescore": args.rescore,
+            "out": args.out,
+            "machine": {"lm_eval": "0.4.13", "cpu": "cpu", "threads": 1, "date": "today"},
+        }
+
+    monkeypatch.setattr(bench_distill, "held_out_scores", fake_scores)
+    threads = torch.get_num_threads()
+    try:
+        bench_distill.main(["--out", str(out), "--work_dir", str(work), "--rescore", "true"])
+    finally:
+        torch.set_num_threads(threads)
+    saved = json.loads((out / "bench_distill.json").read_text())
+    assert list(saved["lm_eval"]["folders"]) == ["teacher", "distilled"]
+    assert {k: v for k, v in saved.items() if k != "lm_eval"} == results
+    md = (out / "bench_distill.md").read_text()
+    head, rest = md.split("## Held-out lm-eval tasks\n")
+    section, tail = rest.split("## Decode latency")
+    assert head + "## Decode latency" + tail == bench_distill.to_markdown(results)  # the rest unchanged
+    assert "| task | metric | teacher | distilled |" in section
+    assert "| demo_heldout_ppl | word_perplexity ↓ | 123,457 | 99.500 |" in section
+    assert "| demo_heldout_mc | acc ↑ | - | 0.250 ± 0.069 |" in section
+    assert "- teacher / demo_heldout_mc: RuntimeError: boom" in section
+    assert "--rescore true" in section
+    # nothing trained under the work folder: an error before any scoring
+    with pytest.raises(FileNotFoundError, match="no final/ model folder"):
+        bench_distill.main(["--out", str(out), "--work_dir", str(tmp_path / "none"), "--rescore", "true"])
