@@ -682,7 +682,8 @@ def _table(title: str, note: str, key: str, rows: list[tuple[str, dict]], fmt: s
     for label, values in rows:
         cells = [label] + [format(values[n], fmt) for n in names]
         if ratios:
-            cells += [f"{values[a] / values[b]:.2f}" for a, b in pairs]
+            # "-": a zero denominator (a tiny model's training can stay under the RSS it was built at)
+            cells += [f"{values[a] / values[b]:.2f}" if values[b] else "-" for a, b in pairs]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
 

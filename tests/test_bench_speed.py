@@ -216,3 +216,11 @@ def test_bench_onnx_decode_row(tmp_path, in_process_memory):
     assert set(onnx) == {"export_s", "8", "40"} and len(onnx["40"]["step_s"]) == 3
     assert max(onnx[n]["max_abs_logit_diff"] for n in ("8", "40")) < 1e-4
     assert "## ONNX Runtime decode" in (out / "bench_speed.md").read_text()
+
+
+def test_a_ratio_over_zero_is_a_dash_not_an_error():
+    # a tiny model's training step can stay under the RSS it was built at: 0 MiB "over model"
+    lines = bench_speed._table("t", "n", "row", [("over model", {"ours": 3.0, "llama_shape": 0.0})], ".0f")
+    assert lines[-2].endswith("| - |")
+    lines = bench_speed._table("t", "n", "row", [("over model", {"ours": 3.0, "llama_shape": 2.0})], ".0f")
+    assert lines[-2].endswith("| 1.50 |")
