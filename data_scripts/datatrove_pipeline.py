@@ -61,7 +61,7 @@ except ImportError as e:  # an optional extra
 from hybrid_mamba.common.args import load_dataclass
 
 from .docs import map_docs
-from .recipe import DedupConfig, Recipe, RecipeError, SourceConfig, SourceFiles, parse_recipe
+from .recipe import DedupConfig, Recipe, RecipeError, SourceConfig, SourceFiles, parse_recipe, read_recipe_file
 
 logger = logging.getLogger(__name__)
 
@@ -146,12 +146,7 @@ def load_run_config(path: str | os.PathLike) -> tuple[Recipe, ExecutorConfig]:
     ``executor`` is read here only: the recipe itself (and its fingerprint) stays the one ``prepare`` reads.
     """
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise RecipeError(f"recipe {path} is not valid YAML: {e}") from None
+    data = read_recipe_file(path)
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {path}: expected a mapping at the top level")
     executor = data.pop("executor", None) or {}

@@ -280,15 +280,20 @@ def parse_recipe(data: dict, where: str = "recipe") -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | os.PathLike) -> Recipe:
-    """Read a recipe YAML file; raises RecipeError naming the problem."""
-    path = Path(path)
+def read_recipe_file(path: Path):
+    """The parsed YAML of a recipe file; RecipeError when it is missing or not YAML."""
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise RecipeError(f"recipe {path} is not valid YAML: {e}") from None
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Read a recipe YAML file; raises RecipeError naming the problem."""
+    path = Path(path)
+    data = read_recipe_file(path)
     try:
         return parse_recipe(data, where=f"recipe {path}")
     except RecipeError as e:
