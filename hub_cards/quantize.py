@@ -17,7 +17,7 @@ save_pretrained folder):
   (tested with torchao 0.18 and transformers 5.24; config.json records the quantization) and reloads with a plain
   ``from_pretrained`` to the same logits (tested). A model quantized in memory by `quantize` holds the
   same tensors but no transformers quantizer, and ``save_pretrained`` fails on it: save through
-  `load_quantized`. Needs ``pip install -e ".[torchao]"``.
+  `load_quantized`. Needs ``pip install -e ".[torchao]"`` (torchao 0.18 needs torch >= 2.11).
 * ``nf4``: bitsandbytes 4-bit NF4 with double quantization, fp32 compute, as trainers/qlora.py loads
   the QLoRA base. Savable (bitsandbytes 4-bit serialization through `load_quantized`; reloads to the
   same logits). On CPU every 4-bit layer keeps bitsandbytes' training layout (trainers.qlora's

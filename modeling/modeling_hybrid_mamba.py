@@ -62,6 +62,38 @@ def _check_transformers_version(version: str) -> None:
 
 _check_transformers_version(transformers.__version__)
 
+
+def _failing_package(err: ImportError) -> str | None:
+    """The installed package whose code raised `err` (the deepest frame under site-packages), if any."""
+    tb, path = err.__traceback__, None
+    while tb is not None:
+        path, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+    parts = Path(path).parts if path else ()
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts and parts.index(marker) + 1 < len(parts):
+            return parts[parts.index(marker) + 1].removesuffix(".py")
+    return None
+
+
+def _import_failure(err: ImportError) -> str:
+    """What to say when importing transformers' internals failed: a moved internal, or a broken package."""
+    package = _failing_package(err)
+    if (err.name or "").startswith("transformers") or (err.name is None and package in (None, "transformers")):
+        # a newer release moved something this file relies on
+        return (
+            f"hybrid_mamba's model code relies on a transformers internal that transformers "
+            f"{transformers.__version__} does not have ({err}). Supported: transformers {SUPPORTED_TRANSFORMERS}; "
+            f"pip install 'transformers>={TRANSFORMERS_FLOOR},<={TRANSFORMERS_TESTED}'"
+        )
+    # transformers imports optional packages (torchao, ...) when they are installed; one built for another
+    # torch fails inside transformers' own import
+    return (
+        f"importing transformers {transformers.__version__} failed inside the installed package {package or err.name!r} "
+        f"({err}); it does not work with torch {torch.__version__}. Upgrade torch to a release that package "
+        f"supports, or install a release of it built for this torch, or uninstall it (pip uninstall {package or err.name})"
+    )
+
+
 try:  # transformers internals: present in every release of the supported range
     from transformers import initialization as init
     from transformers.activations import ACT2FN
@@ -83,12 +115,8 @@ try:  # transformers internals: present in every release of the supported range
     from transformers.utils import can_return_tuple
     from transformers.utils.generic import merge_with_config_defaults
     from transformers.utils.output_capturing import capture_outputs
-except ImportError as err:  # a newer release moved something this file relies on
-    raise ImportError(
-        f"hybrid_mamba's model code relies on a transformers internal that transformers {transformers.__version__} "
-        f"does not have ({err}). Supported: transformers {SUPPORTED_TRANSFORMERS}; "
-        f"pip install 'transformers>={TRANSFORMERS_FLOOR},<={TRANSFORMERS_TESTED}'"
-    ) from err
+except ImportError as err:
+    raise ImportError(_import_failure(err)) from err
 
 # 5.24 renamed the cache argument and output field `past_key_values` -> `cache`: generate() passes the
 # cache to forward and prepare_inputs_for_generation under CACHE_NAME and reads it back from the output

