@@ -163,6 +163,7 @@ def _architecture(inp: CardInputs, assets: Path) -> str:
     keys = [
         "hidden_size",
         "intermediate_size",
+        "intermediate_size_per_layer",
         "num_attention_heads",
         "num_key_value_heads",
         "head_dim",
@@ -170,6 +171,7 @@ def _architecture(inp: CardInputs, assets: Path) -> str:
         "mamba_d_state",
         "mamba_head_dim",
         "mamba_expand",
+        "mamba_d_inner_per_layer",
         "mamba_d_conv",
         "vocab_size",
         "max_position_embeddings",
@@ -177,7 +179,17 @@ def _architecture(inp: CardInputs, assets: Path) -> str:
         "tie_word_embeddings",
         "dtype",
     ]
-    lines += ["| field | value |", "|---|---|"] + [f"| `{k}` | {cfg[k]} |" for k in keys if k in cfg] + [""]
+    lines += (
+        ["| field | value |", "|---|---|"] + [f"| `{k}` | {cfg[k]} |" for k in keys if cfg.get(k) is not None] + [""]
+    )
+    per_layer = [k for k in ("intermediate_size_per_layer", "mamba_d_inner_per_layer") if cfg.get(k) is not None]
+    if per_layer:
+        lines += [
+            "Widths differ by layer (a structurally pruned model): "
+            + " and ".join(f"`{k}`" for k in per_layer)
+            + " give each layer's width, and replace `intermediate_size` and `mamba_expand` * `hidden_size` there.",
+            "",
+        ]
     if inp.param_counts:
         c = inp.param_counts
         lines += [

@@ -597,3 +597,15 @@ def test_serving_refuses_a_remote_code_folder_and_names_the_export(run_dir):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         check_servable(str(run_dir / "missing"))
     check_servable("someone/some-model")  # a Hub id is left to the server
+
+
+def test_a_pruned_models_card_gives_its_per_layer_widths(tmp_path):
+    from hybrid_mamba.configuration import get_preset
+    from hybrid_mamba.hub_cards.card import CardInputs, _architecture
+
+    cfg = get_preset("debug", intermediate_size_per_layer=[128, 0, 48, 96], mamba_d_inner_per_layer=[64, 128, 0, 32])
+    text = _architecture(CardInputs("m", cfg.to_dict(), "org/m"), tmp_path)
+    assert "| `intermediate_size_per_layer` | [128, 0, 48, 96] |" in text
+    assert "| `mamba_d_inner_per_layer` | [64, 128, 0, 32] |" in text and "Widths differ by layer" in text
+    dense = _architecture(CardInputs("m", get_preset("debug").to_dict(), "org/m"), tmp_path)
+    assert "per_layer" not in dense and "Widths differ" not in dense

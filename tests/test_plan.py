@@ -203,6 +203,40 @@ def test_activation_formulas_match_saved_tensors(mamba_version, precision, packe
     assert predicted * b * t == pytest.approx(measured, rel=0.03)
 
 
+@pytest.mark.parametrize("mamba_version", [1, 2])
+def test_a_pruned_models_activations_and_units_follow_its_per_layer_widths(mamba_version):
+    """Widths per layer (a pruned model): the formulas read each layer's own MLP and Mamba widths, and the
+    planner's FSDP units are that layer's parameters, not the global widths'."""
+    b, t = 2, 96
+    cfg = get_preset(
+        "debug",
+        mamba_version=mamba_version,
+        intermediate_size_per_layer=[128, 0, 48, 96],
+        mamba_d_inner_per_layer=[64, 128, 0, 32],
+    )
+    from hybrid_mamba.modeling import HybridMambaForCausalLM
+
+    model = HybridMambaForCausalLM(cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (b, t))
+    measured = saved_bytes(model, ids, None)
+    predicted = activation_bytes_per_token(cfg, "head", t, 4, False)[0]
+    for i in range(cfg.num_hidden_layers):
+        predicted += activation_bytes_per_token(cfg, cfg.mixer_type(i), t, 4, False, layer_idx=i)[0]
+        if cfg.layer_intermediate_size(i):
+            predicted += activation_bytes_per_token(cfg, "mlp", t, 4, False, layer_idx=i)[0]
+    assert predicted * b * t == pytest.approx(measured, rel=0.03)
+
+    layers, root = planner.layer_parameters(cfg, count_parameters(cfg))
+    mixers = [layer.self_attn if layer.mixer_type == "attention" else layer.mamba for layer in model.model.layers]
+    mlps = [list(layer.mlp.parameters()) if layer.mlp is not None else [] for layer in model.model.layers]
+    assert layers == [sum(p.numel() for p in m.parameters()) + sum(p.numel() for p in w) for m, w in zip(mixers, mlps)]
+    assert root + sum(layers) == sum(p.numel() for p in model.parameters())
+    # the whole plan: smaller than the unpruned model's at the same setting
+    args = PlanArgs(preset="debug", micro_batch=2, seq_len=96, gpus=1)
+    full = estimate(args, get_preset("debug", mamba_version=mamba_version))
+    assert estimate(args, cfg).peak.activations < full.peak.activations
+
+
 # CPU predictions against measured peak RSS
 
 # (preset, micro-batch, seq-len, activation checkpointing, packed documents): 3-10 s each on one

@@ -141,7 +141,7 @@ class PlanArgs:
 
 
 def activation_bytes_per_token(
-    config, kind: str, seq_len: int, act_bytes: int, packed: bool, device: str = "cuda"
+    config, kind: str, seq_len: int, act_bytes: int, packed: bool, device: str = "cuda", layer_idx: int | None = None
 ) -> tuple[float, float]:
     """Bytes per token that one `kind` keeps for backward, and the extra bytes its backward needs at once.
 
@@ -153,7 +153,9 @@ def activation_bytes_per_token(
     H heads, P head size, G groups, N state size, K conv width, L chunk length, C chunks, V vocabulary.
     The backward extra is two copies of the largest per-token tensor (its gradient and the gradient
     flowing out of it), or what cross-entropy's backward allocates. `device` picks the Mamba-2 scan's
-    chunk length (on CPU, at most the modeling file's CPU_CHUNK_SIZE).
+    chunk length (on CPU, at most the modeling file's CPU_CHUNK_SIZE). `layer_idx` reads that layer's MLP
+    and Mamba widths (a pruned model's `intermediate_size_per_layer`, `mamba_d_inner_per_layer`); without it,
+    the global widths.
     """
     per_kind = {
         "mlp": _mlp_bytes,
@@ -168,11 +170,14 @@ def activation_bytes_per_token(
     # RMSNorm (a hand-written backward): its input, the rsqrt statistic (B, T, 1) in fp32, and the
     # output (the next linear layer's input).
     norm = 2 * a * config.hidden_size + FP32
-    return per_kind[kind](config, a, norm, T=seq_len, packed=packed, device=device)
+    if layer_idx is None:
+        inter, E = config.intermediate_size, config.mamba_d_inner
+    else:
+        inter, E = config.layer_intermediate_size(layer_idx), config.layer_mamba_d_inner(layer_idx)
+    return per_kind[kind](config, a, norm, T=seq_len, packed=packed, device=device, inter=inter, E=E)
 
 
-def _mlp_bytes(config, a: int, norm: float, **_) -> tuple[float, float]:
-    inter = config.intermediate_size
+def _mlp_bytes(config, a: int, norm: float, inter: int, **_) -> tuple[float, float]:
     saved = norm + 4 * a * inter  # gate, silu(gate), up, silu(gate) * up (down_proj's input)
     return saved, 2 * a * inter
 
@@ -191,11 +196,11 @@ def _attention_bytes(config, a: int, norm: float, T: int, packed: bool, **_) -> 
     return saved, a * p * (2 * hq + 2 * kv) + f * p * hq
 
 
-def _mamba2_bytes(config, a: int, norm: float, T: int, device: str, **_) -> tuple[float, float]:
+def _mamba2_bytes(config, a: int, norm: float, T: int, device: str, E: int, **_) -> tuple[float, float]:
     from hybrid_mamba.modeling.modeling_hybrid_mamba import CPU_CHUNK_SIZE
 
     f = FP32
-    E, H, G, N = config.mamba_d_inner, config.mamba_n_heads, config.mamba_n_groups, config.mamba_d_state
+    H, G, N = E // config.mamba_head_dim, config.mamba_n_groups, config.mamba_d_state
     conv = E + 2 * G * N
     L = min(config.mamba_chunk_size, T) if device == "cuda" else min(config.mamba_chunk_size, CPU_CHUNK_SIZE, T)
     C = math.ceil(T / L)
@@ -218,12 +223,12 @@ def _mamba2_bytes(config, a: int, norm: float, T: int, device: str, **_) -> tupl
     return saved, f * extra
 
 
-def _mamba1_bytes(config, a: int, norm: float, T: int, packed: bool, **_) -> tuple[float, float]:
+def _mamba1_bytes(config, a: int, norm: float, T: int, packed: bool, E: int, **_) -> tuple[float, float]:
     from hybrid_mamba.modeling.modeling_hybrid_mamba import selective_scan
 
     f = FP32
     low = a < f  # bf16: upcasts make fp32 copies where fp32 runs reuse the tensor
-    E, N, R = config.mamba_d_inner, config.mamba_d_state, config.mamba_dt_rank
+    N, R = config.mamba_d_state, config.mamba_dt_rank
     chunk = inspect.signature(selective_scan).parameters["chunk_size"].default  # the mixer calls it with the default
     saved = norm + a * 2 * E  # in_proj output [x, z]
     saved += a * E + a * (R + 2 * N)  # x_proj's input u = silu(conv) (contiguous), its output [dt, B, C]
@@ -296,8 +301,19 @@ def layer_parameters(config, counts: dict) -> tuple[list[float], float]:
     """Parameters of each decoder layer (its mixer and MLP) and of the root FSDP unit (the rest).
 
     Mixers of one kind share their count; Mamba-1 and Mamba-2 layers in one stack share the Mamba count
-    evenly. Layer norms are left in the root: a few thousand parameters per layer.
+    evenly. Layer norms are left in the root: a few thousand parameters per layer. A pruned model (widths
+    per layer) is counted layer by layer on the meta device.
     """
+    if config.intermediate_size_per_layer is not None or config.mamba_d_inner_per_layer is not None:
+        from hybrid_mamba.configuration.param_counts import meta_model
+        from hybrid_mamba.modeling.modeling_hybrid_mamba import HybridMambaForCausalLM
+
+        per_layer = []
+        for layer in meta_model(HybridMambaForCausalLM, config).model.layers:
+            mixer = layer.self_attn if layer.mixer_type == "attention" else layer.mamba
+            mlp = layer.mlp.parameters() if layer.mlp is not None else ()
+            per_layer.append(sum(p.numel() for p in mixer.parameters()) + sum(p.numel() for p in mlp))
+        return per_layer, counts["total"] - sum(per_layer)
     kinds = [config.mixer_type(i) for i in range(config.num_hidden_layers)]
     n_attn = sum(k == "attention" for k in kinds)
     n_mamba = len(kinds) - n_attn
@@ -320,17 +336,19 @@ def estimate(args: PlanArgs, config=None, counts: dict | None = None) -> Plan:
     cuda = args.device == "cuda"
 
     layers, root = layer_parameters(config, counts)
-    per_token = {}
-    for kind in {config.mixer_type(i) for i in range(config.num_hidden_layers)} | {"mlp", "head"}:
-        per_token[kind] = activation_bytes_per_token(config, kind, args.seq_len, a, args.packed, args.device)
+
+    def per_token(kind: str, i: int | None = None) -> tuple[float, float]:
+        return activation_bytes_per_token(config, kind, args.seq_len, a, args.packed, args.device, layer_idx=i)
+
     saved, extra = [], []
     for i in range(config.num_hidden_layers):
-        s, x = per_token[config.mixer_type(i)]
-        if config.intermediate_size > 0:
-            s, x = s + per_token["mlp"][0], max(x, per_token["mlp"][1])
+        s, x = per_token(config.mixer_type(i), i)
+        if config.layer_intermediate_size(i) > 0:
+            mlp = per_token("mlp", i)
+            s, x = s + mlp[0], max(x, mlp[1])
         saved.append(s * tokens)
         extra.append(x * tokens)
-    head_saved, head_extra = (v * tokens for v in per_token["head"])
+    head_saved, head_extra = (v * tokens for v in per_token("head"))
     kept_input = a * config.hidden_size * tokens  # a checkpointed layer keeps only its input (B, T, D)
 
     # Persistent state on the device (none with CPU offload: it lives in host RAM).
