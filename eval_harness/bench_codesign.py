@@ -64,6 +64,7 @@ from hybrid_mamba.common.args import parse_args
 from hybrid_mamba.common.files import atomic_dir, write_json_atomic, write_text_atomic
 from hybrid_mamba.common.machine import machine
 from hybrid_mamba.common.stats import format_summary, paired, summarize
+from hybrid_mamba.eval_harness.bench_speed import timed, turn_order
 from hybrid_mamba.modeling import HybridMambaForCausalLM, HybridMambaForSequenceClassification
 from hybrid_mamba.modeling.csp import csp_permute
 
@@ -362,11 +363,6 @@ def size_row(model, seq_len: int) -> dict:
     }
 
 
-def _order(names: tuple, i: int) -> tuple:
-    k = i % len(names)
-    return names[k:] + names[:k]
-
-
 def ratio_summary(ratios: list[float]) -> dict:
     """Geometric mean of per-repetition ratios with a 95% t-interval (computed on the logs)."""
     s = summarize([math.log(r) for r in ratios])
@@ -387,10 +383,8 @@ def measure_latency(models: dict, rows: torch.Tensor, batches, reps: int, warmup
         ids = rows[:b]
         times = {n: [] for n in names}
         for i in range(warmup + reps):
-            for n in _order(names, i):
-                t0 = time.perf_counter()
-                models[n](input_ids=ids)
-                dt = time.perf_counter() - t0
+            for n in turn_order(names, i):
+                dt = timed(lambda n=n: models[n](input_ids=ids))
                 if i >= warmup:
                     times[n].append(dt)
         res = {n: {"times_s": ts, "median_s": statistics.median(ts)} for n, ts in times.items()}

@@ -29,7 +29,6 @@ import gc
 import logging
 import os
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,7 +41,15 @@ from hybrid_mamba.common.args import parse_args
 from hybrid_mamba.common.files import write_json_atomic, write_text_atomic
 from hybrid_mamba.common.machine import machine
 from hybrid_mamba.configuration import HybridMambaConfig
-from hybrid_mamba.eval_harness.bench_speed import BENCH_CONFIG, cache_arg, random_ids, resolve_config, returned_cache
+from hybrid_mamba.eval_harness.bench_speed import (
+    BENCH_CONFIG,
+    cache_arg,
+    random_ids,
+    resolve_config,
+    returned_cache,
+    timed,
+    turn_order,
+)
 from hybrid_mamba.modeling import HybridMambaForCausalLM
 from hybrid_mamba.modeling.csp import calibration_ids, csp_permute
 
@@ -106,18 +113,6 @@ def build_models(args: BenchCSPArgs) -> tuple[dict, dict]:
         "reordered": moved,
         "scores": report,
     }
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def _order(i: int) -> tuple[str, ...]:
-    """The models' turn order in repetition (or step) i: rotated, so each runs first, second and last alike."""
-    k = i % len(NAMES)
-    return NAMES[k:] + NAMES[:k]
 
 
 @torch.no_grad()
@@ -188,7 +183,8 @@ def measure_prefill(models: dict, args: BenchCSPArgs) -> dict:
         times, paired = {n: [] for n in NAMES}, {"csp": [], "copy": []}
         for i in range(args.warmup + args.reps):
             step = {
-                n: _timed(lambda n=n: models[n](input_ids=ids, use_cache=False, logits_to_keep=1)) for n in _order(i)
+                n: timed(lambda n=n: models[n](input_ids=ids, use_cache=False, logits_to_keep=1))
+                for n in turn_order(NAMES, i)
             }
             if i >= args.warmup:
                 for n in NAMES:
@@ -218,23 +214,23 @@ def measure_decode(models: dict, args: BenchCSPArgs) -> dict:
             prompt = random_ids(vocab, (1, length), args.seed + length + run)
             tokens = random_ids(vocab, (1, n_steps), args.seed + length + run + 1)
             caches = {}
-            for n in _order(run):
+            for n in turn_order(NAMES, run):
 
                 def first(n=n):
                     caches[n] = returned_cache(models[n](input_ids=prompt, use_cache=True, logits_to_keep=1))
 
-                ttft[n].append(_timed(first))
+                ttft[n].append(timed(first))
             for i in range(n_steps):
                 step_kw = dict(
                     input_ids=tokens[:, i : i + 1], position_ids=torch.tensor([[length + i]]), use_cache=True
                 )
                 step = {}
-                for n in _order(run + i):
+                for n in turn_order(NAMES, run + i):
 
                     def one(n=n):
                         caches[n] = returned_cache(models[n](**{arg: caches[n]}, **step_kw))
 
-                    step[n] = _timed(one)
+                    step[n] = timed(one)
                 if i >= args.decode_warmup:
                     for n in NAMES:
                         times[n].append(step[n])

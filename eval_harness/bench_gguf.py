@@ -28,7 +28,6 @@ import json
 import logging
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +37,7 @@ import torch
 from hybrid_mamba.common.args import parse_args
 from hybrid_mamba.common.files import write_json_atomic, write_text_atomic
 from hybrid_mamba.common.machine import machine
-from hybrid_mamba.eval_harness.bench_speed import cache_arg, returned_cache
+from hybrid_mamba.eval_harness.bench_speed import cache_arg, returned_cache, timed
 from hybrid_mamba.hub_cards.gguf import import_llama_cpp
 
 logger = logging.getLogger(__name__)
@@ -134,12 +133,6 @@ def held_out(data: Path, n_blocks: int, vocab: int) -> list[list[int]]:
     return blocks
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 @torch.no_grad()
 def measure_speed(model, llamas: dict, prompt: list[int], steps: list[int], reps: int) -> dict:
     """Median prefill and decode tokens/s of transformers ("torch") and of each llama.cpp file, taking turns."""
@@ -149,7 +142,7 @@ def measure_speed(model, llamas: dict, prompt: list[int], steps: list[int], reps
     def torch_run():
         cache = {}
         ids = torch.tensor([prompt])
-        t_pre = _timed(lambda: cache.update(c=returned_cache(model(input_ids=ids, use_cache=True, logits_to_keep=1))))
+        t_pre = timed(lambda: cache.update(c=returned_cache(model(input_ids=ids, use_cache=True, logits_to_keep=1))))
 
         def decode():
             for i, tok in enumerate(steps):
@@ -162,12 +155,12 @@ def measure_speed(model, llamas: dict, prompt: list[int], steps: list[int], reps
                 )
                 cache["c"] = returned_cache(out)
 
-        return t_pre, _timed(decode)
+        return t_pre, timed(decode)
 
     def llama_run(llm):
         llm.reset()
-        t_pre = _timed(lambda: llm.eval(prompt))
-        return t_pre, _timed(lambda: [llm.eval([tok]) for tok in steps])
+        t_pre = timed(lambda: llm.eval(prompt))
+        return t_pre, timed(lambda: [llm.eval([tok]) for tok in steps])
 
     runs = {"torch": torch_run, **{name: (lambda llm=llm: llama_run(llm)) for name, llm in llamas.items()}}
     for run in runs.values():  # warmup

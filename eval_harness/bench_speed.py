@@ -311,7 +311,7 @@ def train_step(model, optimizer, batch):
 # Measurements
 
 
-def _timed(fn, device: torch.device | None = None) -> float:
+def timed(fn, device: torch.device | None = None) -> float:
     """Seconds of fn(): CUDA events on a CUDA device (the GPU's own clock), perf_counter otherwise."""
     if device is not None and device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -325,6 +325,14 @@ def _timed(fn, device: torch.device | None = None) -> float:
     return time.perf_counter() - t0
 
 
+def turn_order(names, i: int) -> tuple:
+    """The models' turn order in repetition (or step) `i`: rotated by one each time, so on a machine whose speed
+    drifts each model runs first, second and last alike and no model always follows the same one."""
+    names = tuple(names)
+    k = i % len(names)
+    return names[k:] + names[:k]
+
+
 def _device(models: dict) -> torch.device:
     return next(next(iter(models.values())).parameters()).device
 
@@ -332,11 +340,11 @@ def _device(models: dict) -> torch.device:
 def _round_robin(
     models: dict, reps: int, warmup: int, call, label: str, first: dict | None = None
 ) -> dict[str, list[float]]:
-    """Seconds of `call(name, model)` per model; every repetition runs each model once, in turn.
+    """Seconds of `call(name, model)` per model; every repetition runs each model once, in `turn_order`.
     `first`, when given, receives each model's first (warmup) call: compilation time in +compile modes."""
     times = {name: [] for name in models}
     for rep in range(warmup + reps):
-        step = {name: _timed(lambda: call(name, model), _device(models)) for name, model in models.items()}
+        step = {name: timed(lambda: call(name, models[name]), _device(models)) for name in turn_order(models, rep)}
         if rep == 0 and first is not None:
             first.update(step)
         if rep >= warmup:
@@ -417,7 +425,7 @@ def measure_mamba_mixer(model, plan: Plan, seed: int) -> dict | None:
         x = torch.randn(1, length, model.config.hidden_size, generator=torch.Generator().manual_seed(seed + length)).to(
             device
         )
-        times = [_timed(lambda: mixer(x), device) for _ in range(plan.warmup + reps)][plan.warmup :]
+        times = [timed(lambda: mixer(x), device) for _ in range(plan.warmup + reps)][plan.warmup :]
         med = statistics.median(times)
         results[str(length)] = {"times_s": times, "median_s": med, "us_per_token": med / length * 1e6}
         logger.info("mamba mixer %d tokens: %.1f us/token", length, med / length * 1e6)
@@ -447,7 +455,7 @@ def _decode_run(models: dict, prompt_len: int, batch: int, plan: Plan, seed: int
             out.logits[:, -1].argmax(-1)
             caches[name] = returned_cache(out)
 
-        ttft[name] = _timed(first, dev)
+        ttft[name] = timed(first, dev)
     times = {name: [] for name in models}
     for i in range(n_steps):
         # position_ids given: Bamba does not derive them from the cache
@@ -456,12 +464,12 @@ def _decode_run(models: dict, prompt_len: int, batch: int, plan: Plan, seed: int
             position_ids=torch.full((batch, 1), prompt_len + i, device=dev),
             use_cache=True,
         )
-        for name, model in models.items():
+        for name in turn_order(models, i):
 
-            def one(model=model, name=name):
+            def one(model=models[name], name=name):
                 caches[name] = returned_cache(model(**{args[name]: caches[name]}, **step))
 
-            dt = _timed(one, dev)
+            dt = timed(one, dev)
             if i == 0:
                 first_step[name] = dt  # includes compilation in +compile modes
             if i >= plan.decode_warmup:

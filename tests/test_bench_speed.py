@@ -224,3 +224,14 @@ def test_a_ratio_over_zero_is_a_dash_not_an_error():
     assert lines[-2].endswith("| - |")
     lines = bench_speed._table("t", "n", "row", [("over model", {"ours": 3.0, "llama_shape": 2.0})], ".0f")
     assert lines[-2].endswith("| 1.50 |")
+
+
+def test_turn_order_puts_every_model_in_every_position_once_per_cycle():
+    from hybrid_mamba.eval_harness.bench_speed import turn_order
+
+    names = ("ours", "llama", "bamba")
+    orders = [turn_order(names, i) for i in range(6)]
+    assert orders[0] == names and orders[3] == names and all(sorted(o) == sorted(names) for o in orders)
+    for position in range(3):
+        assert sorted(o[position] for o in orders[:3]) == sorted(names)
+    assert turn_order({"a": 1, "b": 2}, 1) == ("b", "a")  # a dict's keys
