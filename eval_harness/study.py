@@ -46,6 +46,13 @@ contiguous groups, in the middle of the stack, at its start and at its top, fill
 order; the middle group grows from layer num_layers // 2 alternately up and down: 8 layers, n=1 [4],
 n=2 [0, 4], n=3 [0, 4, 7], n=4 [0, 4, 5, 7]; 16 layers, n=8 [0, 1, 2, 7, 8, 9, 14, 15]).
 
+Training time. A cell's own clock (the trainer's tokens/s rows) measures whatever else the machine did
+while that cell ran, so on a shared machine layouts run early and late in the grid are timed under
+different loads. With `speed_reps: N`, after the grid every layout of a (task, width) is rebuilt from a
+finished cell in one process and N training steps of each are timed with the layouts taking turns
+(`calibrated_speeds`, cached in OUT/speed.json); every time axis and the loss at `time_budget_s` then
+come from tokens / that throughput, and the cell's clock is kept as `logged_train_time_s`.
+
 OUT/results.json holds every cell (config, parameters, metrics, timings, status) and the
 aggregates across seeds per (layout, width, task, metric): n, mean, std, stderr and the 95% t-interval
 (common.stats.summarize). OUT/results.md holds the tables, and the plots are OUT/accuracy_vs_width.png,
@@ -201,6 +208,14 @@ class StudySpec:
     time_budget_s: float | None = field(
         default=None, metadata={"help": "Equal wall-clock: val loss of the last eval within this training time."}
     )
+    speed_reps: int = field(
+        default=0,
+        metadata={
+            "help": "Training steps timed per layout, side by side after the grid (0: off); the time axis then "
+            "comes from these throughputs instead of the cells' logged ones (see calibrated_speeds)."
+        },
+    )
+    speed_warmup: int = field(default=2, metadata={"help": "Untimed steps per layout before speed_reps."})
     train: dict[str, Any] = field(default_factory=dict, metadata={"help": "PretrainArgs fields for every cell."})
     eval: EvalSpec = field(default_factory=EvalSpec, metadata={"help": "Scoring settings."})
     threads: int | None = field(
@@ -249,6 +264,10 @@ class StudySpec:
             )
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise StudyError(f"time_budget_s must be positive, got {self.time_budget_s}")
+        if self.speed_reps < 0 or self.speed_warmup < 0:
+            raise StudyError(
+                f"speed_reps and speed_warmup must be at least 0, got {self.speed_reps}, {self.speed_warmup}"
+            )
         if self.threads is not None and self.threads < 1:
             raise StudyError(f"threads must be at least 1, got {self.threads}")
         if bad := [k for k in self.train if k in RESERVED_TRAIN]:
@@ -790,7 +809,9 @@ def flat_metrics(result: dict) -> dict[str, float | None]:
     and example_accuracy), position losses (`pos<lo>-<hi>/loss`)."""
     m = result.get("metrics") or {}
     out: dict[str, float | None] = {
-        k: m.get(k) for k in ("final_val_loss", "val_loss_at_time_budget", "train_time_s") if k in m
+        k: m.get(k)
+        for k in ("final_val_loss", "val_loss_at_time_budget", "train_time_s", "logged_train_time_s", "tokens_per_s")
+        if k in m
     }
     syn = m.get("synthetic")
     if isinstance(syn, dict):
@@ -866,6 +887,106 @@ def load_result(out: Path, cell: Cell) -> dict | None:
     return res
 
 
+# ---------------------------------------------------------------- equal wall-clock, side by side
+
+SPEED_FORMAT = "hybrid_mamba.study.speed/1"
+
+
+def _timed_train_step(model, optimizer, ids) -> float:
+    start = time.perf_counter()
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def calibrated_speeds(spec: StudySpec, cells: list[Cell], results: list[dict], data_dirs: dict, out: Path) -> dict:
+    """Training throughput of every (task, width, layout), measured side by side: {"task/width/layout":
+    {"tokens_per_s", "step_s" (median), "times_s"}} (empty when `speed_reps` is 0 or nothing has run).
+
+    The cells' own clocks (the trainer's tokens_per_s rows) measure whatever else the machine was doing
+    while each cell ran: on a shared machine the first and the last layouts of a grid run under different
+    loads. Here one process builds every layout of a (task, width) from a finished cell's final/ model, and
+    times `speed_reps` optimizer steps (forward, backward, AdamW; the cells' micro-batch of training blocks,
+    random token ids) with the layouts taking turns (`bench_speed.turn_order`), after `speed_warmup`
+    untimed ones, on `threads` threads. Ratios between layouts are then measured under one load. Cached in
+    OUT/speed.json, keyed by the cells' config hashes and these settings."""
+    if spec.speed_reps <= 0:
+        return {}
+    import torch
+
+    from hybrid_mamba.eval_harness.bench_speed import turn_order
+    from hybrid_mamba.modeling import HybridMambaForCausalLM
+
+    done = {(r["task"], r["width"], r["layout"]): r for r in results if r.get("status") == "ok"}
+    groups: dict[tuple[str, int], dict[str, Cell]] = {}
+    for c in cells:
+        if (c.task, c.width, c.layout) in done:
+            groups.setdefault((c.task, c.width), {}).setdefault(c.layout, c)
+    key = {
+        "format": SPEED_FORMAT,
+        "reps": spec.speed_reps,
+        "warmup": spec.speed_warmup,
+        "threads": spec.threads,
+        "micro_batch_size": {**TRAIN_DEFAULTS, **spec.train}["micro_batch_size"],
+        "cells": sorted(f"{t}/{w}/{name}:{c.config_hash}" for (t, w), g in groups.items() for name, c in g.items()),
+    }
+    path = out / "speed.json"
+    if path.is_file():
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("key") == key:
+                return cached["speeds"]
+        except json.JSONDecodeError:
+            pass
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)
+    speeds = {}
+    for (task, width), layouts in groups.items():
+        block = block_length(data_dirs[task])  # tokens per training block, as the cells trained on
+        models, optimizers = {}, {}
+        for name, cell in layouts.items():
+            model = HybridMambaForCausalLM.from_pretrained(out / "cells" / cell.cell_id / "run" / "final").train()
+            models[name], optimizers[name] = model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+        vocab = min(m.config.vocab_size for m in models.values())
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (key["micro_batch_size"], block), generator=generator)
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for rep in range(spec.speed_warmup + spec.speed_reps):
+            for name in turn_order(models, rep):
+                dt = _timed_train_step(models[name], optimizers[name], ids)
+                if rep >= spec.speed_warmup:
+                    times[name].append(dt)
+        for name, ts in times.items():
+            step = sorted(ts)[len(ts) // 2]
+            speeds[f"{task}/{width}/{name}"] = {"tokens_per_s": ids.numel() / step, "step_s": step, "times_s": ts}
+            logger.info("speed %s width %d %s: %.0f tokens/s", task, width, name, ids.numel() / step)
+        del models, optimizers
+    write_json_atomic(path, {"key": key, "speeds": speeds})
+    return speeds
+
+
+def with_calibrated_time(result: dict, speeds: dict, spec: StudySpec) -> dict:
+    """A copy of a cell's result whose training times come from `speeds` (tokens / the layout's measured
+    tokens/s): the curve's train_time_s, train_time_s and val_loss_at_time_budget; the cell's own clock is
+    kept as logged_train_time_s. Unchanged without a speed for the cell."""
+    speed = speeds.get(f"{result.get('task')}/{result.get('width')}/{result.get('layout')}")
+    if speed is None or result.get("status") != "ok":
+        return result
+    r = copy.deepcopy(result)
+    rate = speed["tokens_per_s"]
+    for p in r.get("curve") or []:
+        p["logged_train_time_s"] = p["train_time_s"]
+        p["train_time_s"] = p["tokens"] / rate if p["tokens"] is not None else None
+    m = r["metrics"]
+    m["logged_train_time_s"] = m.get("train_time_s")
+    m["train_time_s"] = (m.get("tokens") or 0) / rate
+    m["val_loss_at_time_budget"] = loss_at_budget(r.get("curve") or [], spec.time_budget_s)
+    m["tokens_per_s"] = rate
+    return r
+
+
 # ---------------------------------------------------------------- aggregates, tables, plots
 
 
@@ -924,14 +1045,27 @@ def metric_groups(metrics: list[str]) -> list[tuple[str, list[str]]]:
     return [(k, sorted(groups[k], key=sort_key)) for k in order + sorted(set(groups) - set(order)) if k in groups]
 
 
-def markdown_report(spec: StudySpec, agg: list[dict], results: list[dict], plan: dict, complete: bool) -> str:
+def markdown_report(
+    spec: StudySpec, agg: list[dict], results: list[dict], plan: dict, complete: bool, speeds: dict | None = None
+) -> str:
     """results.md: per task and metric group a table, rows (layout, width), mean ± stderr [95% interval] (n)."""
     lines = [f"# Study {spec.name} ({spec.kind})", ""]
     if not complete:
         lines += ["**Incomplete**: not every cell has run yet; rerun the study to finish it.", ""]
+    if speeds:
+        timing = (
+            f"Training time (train_time_s, val_loss_at_time_budget, loss against time): tokens / the layout's "
+            f"training tokens/s measured side by side after the grid ({spec.speed_reps} steps per layout, "
+            f"layouts taking turns, {spec.threads or 'default'} thread(s); table below), so that every layout is "
+            "timed under the same load; logged_train_time_s is the cell's own clock (optimizer steps only)."
+        )
+    else:
+        timing = (
+            "Training time: the optimizer steps only (from the trainer's throughput rows), not evaluation or "
+            "checkpoints."
+        )
     lines += [
-        "mean ± standard error across seeds [95% t-interval] (n seeds). Training time: the optimizer steps "
-        "only (from the trainer's throughput rows), not evaluation or checkpoints.",
+        f"mean ± standard error across seeds [95% t-interval] (n seeds). {timing}",
         "",
         "| layout | width | layer types | non-embedding params | total params |",
         "|---|---:|---|---:|---:|",
@@ -941,6 +1075,12 @@ def markdown_report(spec: StudySpec, agg: list[dict], results: list[dict], plan:
         p = entry["params"]
         lines.append(f"| {layout} | {width} | `{types}` | {p['non_embedding']:,} | {p['total']:,} |")
     lines += ["", "Layer types: A attention, M Mamba-2, m Mamba-1 (first layer first).", ""]
+    if speeds:
+        lines += ["| task | width | layout | training tokens/s | step (ms, median) |", "|---|---:|---|---:|---:|"]
+        for name, sp in speeds.items():
+            task, width, layout = name.split("/", 2)
+            lines.append(f"| {task} | {width} | {layout} | {sp['tokens_per_s']:,.0f} | {sp['step_s'] * 1e3:.1f} |")
+        lines.append("")
     by_task: dict[str, list[dict]] = {}
     for a in agg:
         by_task.setdefault(a["task"], []).append(a)
@@ -1142,7 +1282,10 @@ def training_lengths(spec: StudySpec) -> dict[str, int]:
 
 
 def write_outputs(spec: StudySpec, out: Path, cells: list[Cell], results: list[dict], data_dirs: dict) -> dict:
-    """results.json, results.md and the plots; returns the results.json object."""
+    """results.json, results.md and the plots; returns the results.json object. With `speed_reps`, the
+    layouts' throughputs are measured side by side first and every training time comes from them."""
+    speeds = calibrated_speeds(spec, cells, results, data_dirs, out)
+    results = [with_calibrated_time(r, speeds, spec) for r in results]
     agg = aggregate(results)
     plan = {(c.layout, c.width): c.params for c in cells}
     complete = len(results) == len(cells) and all(r.get("status") == "ok" for r in results)
@@ -1150,7 +1293,7 @@ def write_outputs(spec: StudySpec, out: Path, cells: list[Cell], results: list[d
     for fname, made in (
         ("loss_vs_tokens.png", lambda p: plot_loss_curves(spec, results, p, "tokens")),
         ("loss_vs_time.png", lambda p: plot_loss_curves(spec, results, p, "time")),
-        ("accuracy_vs_width.png", lambda p: plot_accuracy_vs_width(spec, agg, p, "trained_lengths/example_accuracy")),
+        ("accuracy_vs_width.png", lambda p: plot_accuracy_vs_width(spec, agg, p, "trained_lengths/token_accuracy")),
         (
             "accuracy_vs_length.png",
             lambda p: plot_accuracy_vs_length(spec, agg, p, "example_accuracy", training_lengths(spec)),
@@ -1181,10 +1324,11 @@ def write_outputs(spec: StudySpec, out: Path, cells: list[Cell], results: list[d
         "failed": [r["cell_id"] for r in results if r.get("status") != "ok"],
         "not_run": [c.cell_id for c in cells if c.cell_id not in {r["cell_id"] for r in results}],
         "aggregates": agg,
+        "speeds": speeds,
         "plots": plots,
     }
     write_json_atomic(out / "results.json", summary)
-    write_text_atomic(out / "results.md", markdown_report(spec, agg, results, plan, complete))
+    write_text_atomic(out / "results.md", markdown_report(spec, agg, results, plan, complete, speeds))
     return summary
 
 

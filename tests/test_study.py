@@ -186,6 +186,26 @@ def test_loss_curve_and_time_budget(tmp_path):
     assert study.loss_at_budget(curve, None) is None
 
 
+def test_calibrated_time_replaces_the_cells_clock(tmp_path):
+    spec = load_spec(write_spec(tmp_path, synthetic_spec(time_budget_s=2.5)))
+    result = {
+        "status": "ok", "task": "mqar", "width": 32, "layout": "attn_rope",
+        "metrics": {"tokens": 400, "train_time_s": 60.0, "val_loss_at_time_budget": None},
+        "curve": [
+            {"step": 2, "tokens": 200, "train_time_s": 50.0, "val_loss": 2.6},
+            {"step": 4, "tokens": 400, "train_time_s": 60.0, "val_loss": 2.4},
+        ],
+    }  # fmt: skip
+    speeds = {"mqar/32/attn_rope": {"tokens_per_s": 100.0, "step_s": 0.5, "times_s": [0.5]}}
+    r = study.with_calibrated_time(result, speeds, spec)
+    assert [p["train_time_s"] for p in r["curve"]] == [2.0, 4.0]
+    assert [p["logged_train_time_s"] for p in r["curve"]] == [50.0, 60.0]
+    assert r["metrics"]["train_time_s"] == 4.0 and r["metrics"]["logged_train_time_s"] == 60.0
+    assert r["metrics"]["val_loss_at_time_budget"] == 2.6  # within 2.5 s at 100 tokens/s: the first evaluation
+    assert result["curve"][0]["train_time_s"] == 50.0  # the cell's own result is left as it was
+    assert study.with_calibrated_time(result, {}, spec) is result  # no speed for the cell: unchanged
+
+
 @pytest.mark.parametrize("position", ["rope", "none"])
 def test_position_losses_past_the_training_length(tmp_path, tiny_data, position):
     from conftest import tiny_config
@@ -250,6 +270,8 @@ def test_lm_study_position_loss_and_failed_cell(tmp_path, tiny_data):
         "seeds": [0],
         "threads": 1,
         "time_budget_s": 1000.0,
+        "speed_reps": 2,
+        "speed_warmup": 1,
         "train": dict(TINY_TRAIN),
         "eval": {"position_factor": 4, "position_buckets": 4, "position_sequences": 2},
     }
@@ -265,8 +287,14 @@ def test_lm_study_position_loss_and_failed_cell(tmp_path, tiny_data):
         pos = cell["metrics"]["position"]
         assert pos["seq_len"] == 4 * 32 and len(pos["loss"]) == 4 and all(v is not None for v in pos["loss"])
         assert cell["metrics"]["val_loss_at_time_budget"] == cell["curve"][-1]["val_loss"]
+        # the time axis: tokens / the layout's throughput measured side by side after the grid
+        speed = res["speeds"][f"lm/32/{layout}"]
+        assert len(speed["times_s"]) == 2 and speed["tokens_per_s"] == pytest.approx(4 * 32 / speed["step_s"])
+        m = cell["metrics"]
+        assert m["train_time_s"] == pytest.approx(m["tokens"] / speed["tokens_per_s"]) and m["logged_train_time_s"] > 0
+    assert set(res["speeds"]) == {"lm/32/hybrid_nope", "lm/32/attn_rope"}  # not the failed cell
     md = (out / "results.md").read_text()
-    assert "Failed cells" in md and "pos96-128" in md
+    assert "Failed cells" in md and "pos96-128" in md and "training tokens/s" in md
     for plot in ("loss_vs_tokens.png", "loss_vs_time.png", "loss_vs_position.png"):
         assert (out / plot).is_file()
     # a failed cell is not a finished one: the next run retries it
@@ -275,3 +303,7 @@ def test_lm_study_position_loss_and_failed_cell(tmp_path, tiny_data):
     assert by_layout["broken"].cell_id == status["broken"]["cell_id"]
     assert study.load_result(out, by_layout["broken"]) is None
     assert study.load_result(out, by_layout["attn_rope"])["status"] == "ok"
+    # the speeds are measured once for the same finished cells: a rerun reuses speed.json
+    speed_file = (out / "speed.json").stat().st_mtime_ns
+    assert study.main(["--spec", str(write_spec(tmp_path, spec)), "--out", str(out)]) == 1
+    assert (out / "speed.json").stat().st_mtime_ns == speed_file
