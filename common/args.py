@@ -18,6 +18,7 @@ are checked the same way and ``__post_init__`` runs once.
 """
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import re
@@ -290,3 +291,11 @@ def parse_known_args(cls: type[T], argv: list[str] | None = None) -> tuple[T, li
     namespace = argparse.Namespace(**{name: _UNSET for name in names})
     _, rest = parser.parse_known_args(argv, namespace=namespace)
     return load_dataclass(cls, _given(namespace, names)), rest
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """`base` with `over`'s keys replacing its own; mappings are merged key by key, anything else replaced."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out

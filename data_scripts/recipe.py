@@ -24,7 +24,7 @@ from typing import Literal, get_args
 
 import yaml
 
-from hybrid_mamba.common.args import did_you_mean, load_dataclass
+from hybrid_mamba.common.args import deep_merge, did_you_mean, load_dataclass
 
 Loader = Literal["text", "jsonl", "parquet", "hub"]
 PIIKind = Literal["email", "phone", "ip", "key"]
@@ -280,14 +280,30 @@ def parse_recipe(data: dict, where: str = "recipe") -> Recipe:
     return recipe
 
 
-def read_recipe_file(path: Path):
-    """The parsed YAML of a recipe file; RecipeError when it is missing or not YAML."""
+def read_recipe_file(path: Path, _children: tuple = ()):
+    """The parsed YAML of a recipe file; RecipeError when it is missing or not YAML.
+
+    ``extends: other.yaml`` (relative to this file) starts from that recipe: this file's keys replace its
+    keys, mappings merged key by key, lists (``sources``) replaced whole."""
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise RecipeError(f"recipe {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict) or "extends" not in data:
+        return data
+    ref = data.pop("extends")
+    if not isinstance(ref, str) or not ref:
+        raise RecipeError(f"recipe {path}: extends must name a recipe file, got {ref!r}")
+    base = Path(ref) if Path(ref).is_absolute() else path.parent / ref
+    chain = (*_children, path.resolve())
+    if base.resolve() in chain:
+        raise RecipeError(f"recipe {path}: extends {ref} makes a cycle ({' -> '.join(str(p) for p in chain)})")
+    parent = read_recipe_file(base, chain)
+    if not isinstance(parent, dict):
+        raise RecipeError(f"recipe {path}: the recipe it extends, {base}, is not a mapping")
+    return deep_merge(parent, data)
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:

@@ -78,7 +78,7 @@ from typing import Any, Literal
 
 import yaml
 
-from hybrid_mamba.common.args import load_dataclass, parse_args, read_yaml_mapping
+from hybrid_mamba.common.args import deep_merge, load_dataclass, parse_args, read_yaml_mapping
 from hybrid_mamba.common.files import save_figure, write_json_atomic, write_text_atomic
 from hybrid_mamba.common.stats import format_cell, summarize
 
@@ -288,14 +288,6 @@ class StudyArgs:
 
 
 # ---------------------------------------------------------------- the spec
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    """`base` with `over`'s keys replacing its own; mappings are merged key by key, anything else replaced."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
 
 
 def load_spec(path: str | Path, scale: str | None = None) -> StudySpec:

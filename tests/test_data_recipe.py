@@ -26,6 +26,27 @@ def test_demo_recipe_is_valid_and_finds_its_files():
     assert len(resolve_files(recipe.sources[1]).paths) > 100
 
 
+def test_a_recipe_extends_another():
+    small = load_recipe(RECIPES / "demo_vocab1k.yaml")
+    demo = load_recipe(RECIPES / "demo.yaml")
+    assert small.name == "demo_vocab1k" and small.tokenizer.vocab_size == 1024
+    assert small.sources == demo.sources and small.seq_len == demo.seq_len and small.dedup == demo.dedup
+    assert small.tokenizer.min_frequency == demo.tokenizer.min_frequency  # mappings merge key by key
+
+
+def test_extends_errors_name_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\nname: a\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\nname: b\n")
+    with pytest.raises(RecipeError, match="makes a cycle"):
+        load_recipe(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(RecipeError, match="missing.yaml does not exist"):
+        load_recipe(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("extends: [a.yaml]\n")
+    with pytest.raises(RecipeError, match="extends must name a recipe file"):
+        load_recipe(tmp_path / "d.yaml")
+
+
 def test_production_recipe_is_valid_offline():
     recipe = load_recipe(RECIPES / "production.yaml")
     assert recipe.streaming and recipe.total_tokens
