@@ -1124,6 +1124,11 @@ def _err(s: dict) -> float:
     return s["ci95"][1] - s["mean"] if s["ci95"] else 0.0
 
 
+def _accuracy_err(entries: list[dict]) -> list[list[float]]:
+    """Error bars of accuracies: the 95% interval clipped to [0, 1] (with 3 seeds it often reaches past)."""
+    return [[min(_err(a), a["mean"]) for a in entries], [min(_err(a), 1.0 - a["mean"]) for a in entries]]
+
+
 def plot_accuracy_vs_width(spec: StudySpec, agg: list[dict], path: Path, metric: str) -> bool:
     """Overall accuracy against width, one line per layout, one panel per task (error bars: 95% interval)."""
     entries = [a for a in agg if a["metric"] == metric and a["mean"] is not None]
@@ -1136,7 +1141,7 @@ def plot_accuracy_vs_width(spec: StudySpec, agg: list[dict], path: Path, metric:
         for layout in spec.layouts:
             pts = sorted((a["width"], a) for a in entries if a["task"] == task and a["layout"] == layout)
             if pts:
-                ax.errorbar([w for w, _ in pts], [a["mean"] for _, a in pts], yerr=[_err(a) for _, a in pts],
+                ax.errorbar([w for w, _ in pts], [a["mean"] for _, a in pts], yerr=_accuracy_err([a for _, a in pts]),
                             marker="o", capsize=3, label=layout)  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set_xlabel("width (hidden size)")
@@ -1166,7 +1171,7 @@ def plot_accuracy_vs_length(spec: StudySpec, agg: list[dict], path: Path, name: 
                 if a["task"] == task and a["width"] == width and a["layout"] == layout
             )
             if pts:
-                ax.errorbar([x for x, _ in pts], [a["mean"] for _, a in pts], yerr=[_err(a) for _, a in pts],
+                ax.errorbar([x for x, _ in pts], [a["mean"] for _, a in pts], yerr=_accuracy_err([a for _, a in pts]),
                             marker="o", capsize=3, label=layout)  # fmt: skip
         if train_lengths.get(task):
             ax.axvline(train_lengths[task], ls=":", c="grey")
