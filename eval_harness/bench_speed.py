@@ -377,16 +377,41 @@ def measure_training(models: dict, plan: Plan, seed: int) -> dict:
             model.eval()
             model.zero_grad(set_to_none=True)
     tokens = plan.train_batch * plan.train_seq
+    flops = {}  # per base model: the same in every mode
+    for name, model in models.items():
+        base = split_column(name)[0]
+        if base not in flops:
+            flops[base] = training_flops_per_token(model, batch)
     results = {}
     for name, ts in times.items():
         rates = [tokens / t for t in ts]
+        per_token = flops[split_column(name)[0]]
         results[name] = {
             "step_s": ts,
             "tokens_per_s": rates,
             "median_tokens_per_s": statistics.median(rates),
             "first_step_s": first[name],  # the warmup step: includes compilation in +compile modes
+            "flops_per_token": per_token,
+            "achieved_flops": per_token * statistics.median(rates),
         }
     return results
+
+
+def training_flops_per_token(model, batch) -> float:
+    """FLOPs of one forward with labels and its backward, per token, as `torch.utils.flop_counter` counts
+    them: matmuls, convolutions and attention (elementwise work is not counted). Run eagerly (a +compile
+    column's `eager_forward`); the count is the same in every mode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    forward = getattr(model, "eager_forward", model.forward)
+    model.train()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            forward(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    return counter.get_total_flops() / batch.numel()
 
 
 @torch.no_grad()
@@ -763,6 +788,20 @@ def _throughput_tables(results: dict) -> list[str]:
         [(f"{p['train_batch']} x {p['train_seq']}", {n: tr[n]["median_tokens_per_s"] for n in tr})],
         ".0f",
     )
+    if all("flops_per_token" in r for r in tr.values()):
+        lines += _table(
+            "Training work per token and the rate it runs at",
+            "FLOPs of a forward with labels and its backward, per token, as torch.utils.flop_counter counts them "
+            "(matmuls, convolutions, attention; elementwise work and the optimizer are not counted), and those "
+            "FLOPs times the median tokens/s above. At equal GFLOP/s, tokens/s go inversely with GFLOP per token: "
+            "that ratio bounds how close ours can come to a baseline that does less work.",
+            "measure",
+            [
+                ("GFLOP per token", {n: r["flops_per_token"] / 1e9 for n, r in tr.items()}),
+                ("achieved GFLOP/s", {n: r["achieved_flops"] / 1e9 for n, r in tr.items()}),
+            ],
+            ".3f",
+        )
     lines += _table(
         "Prefill latency (ms, lower is better)",
         "Batch 1, no grad, use_cache=False, last-token logits; median over repetitions "

@@ -54,6 +54,16 @@ def test_bench_speed_writes_json_and_markdown(tmp_path, in_process_memory):
     assert abs(data["parameters"]["llama"] - data["parameters"]["ours"]) <= per_column / 2
     assert data["configs"]["llama_shape"]["intermediate_size"] == data["configs"]["ours"]["intermediate_size"]
     assert set(data["training"]) == models and len(data["training"]["ours"]["tokens_per_s"]) == 1
+    # a Llama's counted work is 6 FLOPs per linear weight per token (forward 2, backward 4) plus attention's
+    cfg = data["configs"]["llama"]
+    h, layers, vocab, kv = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"], cfg["num_key_value_heads"]
+    head = h // cfg["num_attention_heads"]
+    linear = layers * (2 * h * h + 2 * h * kv * head + 3 * h * cfg["intermediate_size"]) + h * vocab
+    flops = data["training"]["llama"]["flops_per_token"]
+    assert 6 * linear <= flops <= 6 * linear + layers * 6 * 2 * plan.train_seq * h, (flops, 6 * linear)
+    assert data["training"]["ours"]["achieved_flops"] == pytest.approx(
+        data["training"]["ours"]["flops_per_token"] * data["training"]["ours"]["median_tokens_per_s"]
+    )
     assert set(data["prefill"]) == {"16", "24"} and set(data["prefill"]["24"]) == models
     assert "median_s" in data["prefill"]["16"]["bamba"]
     assert set(data["mamba_mixer"]) == {"16", "24"} and data["mamba_mixer"]["24"]["us_per_token"] > 0
@@ -65,6 +75,7 @@ def test_bench_speed_writes_json_and_markdown(tmp_path, in_process_memory):
     for title in (
         "## Parameters",
         "## Training step throughput",
+        "## Training work per token",
         "## Prefill latency",
         "## Mamba mixer alone",
         "## Decode latency",
