@@ -377,3 +377,60 @@ def test_packed_data_with_a_labels_column_takes_the_loss_only_there(tmp_path):
     full = unigram_baseline(plain_train, plain_val, len(tok))
     targets = unigram_baseline(train_ds, val_ds, len(tok))
     assert math.isfinite(targets) and targets != full
+
+
+def test_torch_compile_trains_the_same_and_keeps_checkpoints_portable(tmp_path, tiny_data):
+    """Regional compilation (`torch_compile`): the same losses as eager, two graphs per grad mode whatever the
+    depth, checkpoints and final/ under the uncompiled names (a compiled run resumes uncompiled), layers eager
+    again after training. Traced with the eager backend: the same graphs as inductor without C++ compilation."""
+    from safetensors import safe_open
+    from torch._dynamo.utils import counters
+
+    from hybrid_mamba.trainers.loop import compile_layers
+
+    kw = dict(max_steps=4, checkpoint_every=2, eval_every=4, eval_batches=1)
+    train_ds, val_ds, tok = load_packed(str(tiny_data))
+    eager_args = _in_process_args(tmp_path / "eager", tiny_data, **kw)
+    train(eager_args, make_accelerator(eager_args), _model(tok), train_ds, val_ds, collate_packed, tok)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    torch._dynamo.reset()
+    counters.clear()
+    args = _in_process_args(tmp_path / "compiled", tiny_data, torch_compile=True, torch_compile_backend="eager", **kw)
+    model = _model(tok)
+    assert {"attention", "mamba"} <= set(model.config.layer_types) and len(model.config.layer_types) > 2
+    summary = train(args, make_accelerator(args), model, train_ds, val_ds, collate_packed, tok)
+    graphs = counters["stats"]["unique_graphs"]
+    assert 2 <= graphs <= 6, graphs  # (Mamba, attention) x (training, no_grad evaluation), not one per layer
+    assert summary["hardware"]["torch_compile"] == "eager"
+    assert all(layer._compiled_call_impl is None for layer in model.model.layers)
+
+    eager_loss, eager_val = losses(tmp_path / "eager" / "run")
+    compiled_loss, compiled_val = losses(tmp_path / "compiled" / "run")
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5) and compiled_val == pytest.approx(eager_val, rel=1e-5)
+    names = []
+    for run in ("eager", "compiled"):
+        with safe_open(tmp_path / run / "run" / "final" / "model.safetensors", "pt") as f:
+            names.append(sorted(f.keys()))
+    assert names[0] == names[1] and not any("_orig_mod" in n for n in names[1])
+
+    # the compiled run's step-2 checkpoint resumes in an uncompiled run and reaches the same losses
+    AcceleratorState._reset_state(reset_partial_state=True)
+    shutil.rmtree(tmp_path / "compiled" / "run" / "final")
+    (tmp_path / "compiled" / "run" / "metrics.jsonl").unlink()
+    resumed_args = _in_process_args(tmp_path / "compiled", tiny_data, **kw)
+    train(resumed_args, make_accelerator(resumed_args), _model(tok), train_ds, val_ds, collate_packed, tok)
+    resumed_loss, _ = losses(tmp_path / "compiled" / "run")
+    assert min(resumed_loss) == 3 and resumed_loss == pytest.approx({s: eager_loss[s] for s in (3, 4)}, rel=1e-5)
+
+    with pytest.raises(ValueError, match="no repeated layers"):
+        compile_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_torch_compile_bad_backend_and_fsdp_fail_before_work(tmp_path, tiny_data, monkeypatch):
+    with pytest.raises(ValueError, match="not a torch.compile backend.*inductor"):
+        _in_process_args(tmp_path, tiny_data, torch_compile=True, torch_compile_backend="inductr")
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "inductor")
+    args = _in_process_args(tmp_path, tiny_data, torch_compile=True)
+    with pytest.raises(ValueError, match="both on: keep one"):
+        make_accelerator(args)

@@ -61,6 +61,31 @@ class TrainArgs:
         default=None,
         metadata={"help": "Peak TFLOP/s per process for MFU; measured (matmul) on CPU, known GPUs looked up."},
     )
+    torch_compile: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile each of the model's repeated layers in place (regional compilation): "
+            "checkpoints and saved models are those of the uncompiled model. Compiling costs about a minute "
+            "on CPU before the first step; README (Speed) says after how many steps it pays."
+        },
+    )
+    torch_compile_backend: str = field(
+        default="inductor", metadata={"help": "torch.compile backend: inductor; eager or aot_eager to debug."}
+    )
+    torch_compile_mode: str | None = field(
+        default=None, metadata={"help": "torch.compile mode: default, reduce-overhead, max-autotune(-no-cudagraphs)."}
+    )
+
+    def __post_init__(self):
+        if self.torch_compile:
+            import torch._dynamo
+
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            if self.torch_compile_backend not in backends:
+                raise ValueError(
+                    f"torch_compile_backend {self.torch_compile_backend!r} is not a torch.compile backend; "
+                    f"choose one of {', '.join(sorted(backends))}."
+                )
 
 
 @dataclass
@@ -148,5 +173,6 @@ class FinetuneArgs(TrainArgs):
     )
 
     def __post_init__(self):
+        super().__post_init__()
         if self.rank_allocation == "importance" and self.adapter == "none":
             raise ValueError("rank_allocation: importance needs adapter lora or qlora.")

@@ -55,6 +55,7 @@ class DistillArgs(TrainArgs):
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of both distributions in the KL."})
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.teacher or not self.student:
             raise ValueError("--teacher and --student are both required (model folders).")
         if self.temperature <= 0:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -97,7 +97,51 @@ def make_accelerator(args: TrainArgs) -> Accelerator:
     )
     if fsdp_on_cpu:
         _enable_fsdp_on_cpu(accelerator)
+    if args.torch_compile and accelerator.state.dynamo_plugin.backend.value != "NO":
+        raise ValueError(
+            "torch_compile and accelerate's own compilation (--dynamo_backend, ACCELERATE_DYNAMO_BACKEND) are both "
+            "on: keep one."
+        )
+    if args.torch_compile and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(
+            f"torch_compile compiles layers in place, which is tested with one process and DDP, not with "
+            f"{accelerator.distributed_type.value}: drop torch_compile, or let accelerate compile the model "
+            "(accelerate launch --dynamo_backend inductor)."
+        )
     return accelerator
+
+
+def compile_layers(model, backend: str = "inductor", mode: str | None = None) -> list[torch.nn.Module]:
+    """torch.compile every block of the model's repeated layers (a ModuleList of one class), in place.
+
+    This is regional compilation (accelerate's `compile_regions`, PyTorch's regional compilation recipe):
+    the blocks share their compiled code, so a hybrid stack compiles two graphs per grad mode (its Mamba
+    and its attention layers), whatever its depth. `nn.Module.compile` compiles a block's call without
+    wrapping it, so parameter names, checkpoints and save_pretrained stay those of the uncompiled model
+    and a run may resume with compilation switched on or off. Returns the compiled blocks (`uncompile`).
+    """
+    blocks = []
+
+    def visit(module):
+        for child in module.children():
+            if isinstance(child, torch.nn.ModuleList) and len(child) > 1 and len({type(m) for m in child}) == 1:
+                blocks.extend(child)
+            else:
+                visit(child)
+
+    visit(model)
+    if not blocks:
+        raise ValueError(f"torch_compile: {type(model).__name__} has no repeated layers (a ModuleList of one class).")
+    for block in blocks:
+        block.compile(backend=backend, mode=mode)
+    return blocks
+
+
+def uncompile(blocks) -> None:
+    """Undo `compile_layers`: the blocks run eagerly again (generation after training would otherwise
+    recompile them for every new cache)."""
+    for block in blocks:
+        block._compiled_call_impl = None  # what nn.Module.compile sets; None is nn.Module's own default
 
 
 def _enable_fsdp_on_cpu(accelerator: Accelerator) -> None:
@@ -292,6 +336,11 @@ class Trainer:
             self.model, self.optimizer, self.train_loader, self.val_loader = accelerator.prepare(
                 model, optimizer, train_loader, val_loader
             )
+        self.compiled = []
+        if args.torch_compile:
+            self.compiled = compile_layers(
+                accelerator.unwrap_model(self.model), args.torch_compile_backend, args.torch_compile_mode
+            )
         self.state = TrainState()
         accelerator.register_for_checkpointing(self.scheduler, self.state)
         if len(self.train_loader) < args.gradient_accumulation_steps:
@@ -456,6 +505,7 @@ class Trainer:
         else:
             final_eval = self.eval_fn(self.model, self.val_loader, accelerator, self.args.eval_batches)
         _save_model(accelerator, self.model, self.tokenizer, self.out / "final")
+        uncompile(self.compiled)
         summary = {
             "steps": state.step,
             "tokens_seen": state.tokens_seen,
@@ -485,6 +535,7 @@ class Trainer:
             "distributed_type": str(accelerator.distributed_type),
             "mixed_precision": accelerator.mixed_precision,
             "threads_per_process": torch.get_num_threads(),
+            "torch_compile": self.args.torch_compile_backend if self.args.torch_compile else None,
             "peak_flops_per_process": self.peak,
             "peak_flops_source": self.peak_source,
             "parameters_per_process": self.params_local,

@@ -85,6 +85,7 @@ class PruneArgs(TrainArgs):
     eval_every: int = field(default=50, metadata={"help": "Evaluate (the masked model as pruned) every N steps."})
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.model:
             raise ValueError("--model is required: a save_pretrained folder of a hybrid_mamba model.")
         if not self.out:
