@@ -1331,8 +1331,13 @@ class HybridMamba2Mixer(_MambaMixerBase):
         B = B.float().repeat_interleave(hg, dim=1)  # (B, H, N)
         C = C.float().repeat_interleave(hg, dim=1)
         x = x.float()
-        decayed = state.float() * torch.exp(dt * A)[..., None, None]  # (B, H, P, N)
-        new_state = torch.addcmul(decayed, (dt[..., None] * x)[..., None], B[:, :, None])
+        decay, dtx = torch.exp(dt * A)[..., None, None], (dt[..., None] * x)[..., None]  # (B, H, 1, 1), (B, H, P, 1)
+        if state.dtype == torch.float32 and not torch.is_grad_enabled():
+            # in the cache's own buffer, which update_recurrent_state would overwrite anyway (as mamba-ssm's
+            # selective_state_update does): two passes over the state instead of five at large batch
+            new_state = state.mul_(decay).addcmul_(dtx, B[:, :, None])
+        else:
+            new_state = torch.addcmul(state.float() * decay, dtx, B[:, :, None])  # (B, H, P, N)
         cache.update_recurrent_state(new_state.to(state.dtype), self.layer_idx)
         # vecdot rather than a (P, N) @ (N, 1) matmul per head: a batch of matrix-vector products is
         # per-call overhead at decode sizes (decode step 119 -> 53 us per layer, 2 threads)

@@ -163,3 +163,24 @@ def test_dict_outputs_on_the_cached_path(layout):
         assert first.shape == (2, heads, 6, 6) and later.shape == (2, heads, 1, 6 + n - 1)
         torch.testing.assert_close(later.sum(-1), torch.ones_like(later.sum(-1)))
     assert isinstance(returned_cache(out), DynamicCache)
+
+
+def test_decode_step_in_the_cache_buffer_equals_the_out_of_place_step():
+    """Without grad the Mamba-2 step updates the cache's state buffer in place; with grad it builds a new tensor.
+    Both give the same logits and states over several steps."""
+    torch.manual_seed(0)
+    m = model_for("hybrid")
+    x = ids(b=3, t=9)
+    runs = []
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            out = m(input_ids=x, use_cache=True)
+            cache = returned_cache(out)
+            logits, tok = [], out.logits[:, -1:].argmax(-1)
+            for _ in range(4):
+                out = m(input_ids=tok, **{CACHE_NAME: cache}, use_cache=True)
+                logits.append(out.logits.detach())
+                tok = out.logits[:, -1:].argmax(-1)
+            runs.append((torch.cat(logits, 1), cache.get_recurrent_state(0).detach().clone()))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-5, atol=1e-5)
