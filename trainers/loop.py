@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, DynamoBackend, ProjectConfiguration, broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -97,7 +97,7 @@ def make_accelerator(args: TrainArgs) -> Accelerator:
     )
     if fsdp_on_cpu:
         _enable_fsdp_on_cpu(accelerator)
-    if args.torch_compile and accelerator.state.dynamo_plugin.backend.value != "NO":
+    if args.torch_compile and accelerator.state.dynamo_plugin.backend != DynamoBackend.NO:
         raise ValueError(
             "torch_compile and accelerate's own compilation (--dynamo_backend, ACCELERATE_DYNAMO_BACKEND) are both "
             "on: keep one."
@@ -115,8 +115,8 @@ def compile_layers(model, backend: str = "inductor", mode: str | None = None) ->
     """torch.compile every block of the model's repeated layers (a ModuleList of one class), in place.
 
     This is regional compilation (accelerate's `compile_regions`, PyTorch's regional compilation recipe):
-    the blocks share their compiled code, so a hybrid stack compiles two graphs per grad mode (its Mamba
-    and its attention layers), whatever its depth. `nn.Module.compile` compiles a block's call without
+    the blocks share their compiled code, so a hybrid stack compiles one graph per kind of layer (Mamba,
+    attention) for each grad mode and input variant (with or without document boundaries), whatever its depth. `nn.Module.compile` compiles a block's call without
     wrapping it, so parameter names, checkpoints and save_pretrained stay those of the uncompiled model
     and a run may resume with compilation switched on or off. Returns the compiled blocks (`uncompile`).
     """
